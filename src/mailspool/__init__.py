@@ -1,0 +1,20 @@
+"""mailspool: send email from web applications without losing a message or making a request wait.
+
+This module only re-exports the public names; each lives in its own module.
+"""
+
+from mailspool.delivery import DirectMailDelivery, QueuedMailDelivery
+from mailspool.maildir import MaildirQueue
+from mailspool.mailer import DebugMailer, SMTPMailer
+from mailspool.processor import QueueProcessor, RetryPolicy, RunSummary
+
+__all__ = [
+    "DebugMailer",
+    "DirectMailDelivery",
+    "MaildirQueue",
+    "QueueProcessor",
+    "QueuedMailDelivery",
+    "RetryPolicy",
+    "RunSummary",
+    "SMTPMailer",
+]

@@ -1,0 +1,138 @@
+"""QueuedMailDelivery and DirectMailDelivery: ``send()`` inside a transaction."""
+
+import logging
+import time
+
+import transaction
+from transaction.interfaces import NoTransaction
+from zope.interface import implementer
+
+from mailspool import events
+from mailspool.datamanager import MailDataManager
+from mailspool.envelope import Envelope
+from mailspool.exceptions import TransactionNotBegun
+from mailspool.interfaces import IDirectMailDelivery, IMailQueue, IQueuedMailDelivery
+from mailspool.maildir import MaildirQueue
+from mailspool.prepare import prepare
+
+log = logging.getLogger(__name__)
+
+
+class _TransactionalDelivery:
+    """What both deliveries share: checking input and joining the right transaction."""
+
+    def __init__(self, transaction_manager=None):
+        # The global thread-local manager is only the default; Pyramid apps
+        # pass request.tm, an explicit per-request manager.
+        self.transaction_manager = transaction_manager if transaction_manager is not None else transaction.manager
+
+    def send(self, fromaddr, toaddrs, message):
+        """See ``IMailDelivery.send``."""
+        prepared = prepare(fromaddr, toaddrs, message)
+        try:
+            current = self.transaction_manager.get()
+        except NoTransaction as exc:
+            raise TransactionNotBegun(
+                "send() needs a transaction: the transaction manager is explicit and no "
+                "transaction was begun (call manager.begin() or use 'with manager:')"
+            ) from exc
+        operation = self._operation(prepared)
+        current.join(MailDataManager(self.transaction_manager, operation, prepared.message_id))
+        return prepared.message_id
+
+
+class _QueueOperation:
+    """Stage in vote, publish in finish, discard on abort (see ``MailDataManager``)."""
+
+    def __init__(self, queue, prepared):
+        self.queue = queue
+        self.prepared = prepared
+        self.staged = None
+
+    def vote(self):
+        envelope = Envelope(
+            sender=self.prepared.sender,
+            recipients=self.prepared.recipients,
+            message_id=self.prepared.message_id,
+            enqueued_at=time.time(),
+        )
+        self.staged = self.queue.add(envelope, self.prepared.data)
+
+    def finish(self):
+        self.staged.publish()
+        log.info("queued %s as %s", self.prepared.message_id, self.staged.queue_id)
+
+    def abort(self):
+        if self.staged is not None:
+            self.staged.discard()
+            self.staged = None
+
+
+@implementer(IQueuedMailDelivery)
+class QueuedMailDelivery(_TransactionalDelivery):
+    """Queue each message at commit for a processor to deliver. See ``IQueuedMailDelivery``.
+
+    ``queue`` is a directory path (a ``MaildirQueue`` is opened there,
+    creating it if missing) or any ``IMailQueue``. Raises ``QueueError``
+    naming the path if the directory cannot be used.
+    """
+
+    def __init__(self, queue, transaction_manager=None):
+        super().__init__(transaction_manager)
+        self.queue = queue if IMailQueue.providedBy(queue) else MaildirQueue(queue)
+
+    @property
+    def queuePath(self):
+        """The queue directory (zope.sendmail's attribute name)."""
+        return getattr(self.queue, "path", None)
+
+    def __repr__(self):
+        return f"<QueuedMailDelivery {self.queue!r}>"
+
+    def _operation(self, prepared):
+        return _QueueOperation(self.queue, prepared)
+
+
+class _DirectOperation:
+    """Check with the mailer in vote, send in finish (see ``MailDataManager``)."""
+
+    def __init__(self, mailer, prepared):
+        self.mailer = mailer
+        self.prepared = prepared
+
+    def vote(self):
+        self.mailer.vote(self.prepared.sender, self.prepared.recipients, self.prepared.data)
+
+    def finish(self):
+        message_id = self.prepared.message_id
+        try:
+            # zope.sendmail-style mailers return None for "all accepted".
+            refused = self.mailer.send(self.prepared.sender, self.prepared.recipients, self.prepared.data) or {}
+        except Exception as exc:
+            log.error("direct delivery of %s failed after commit: %s", message_id, exc, exc_info=True)
+            events.notify(events.MailFailedEvent(message_id, self.prepared.recipients, str(exc)))
+            return
+        accepted = [rcpt for rcpt in self.prepared.recipients if rcpt not in refused]
+        log.info("sent %s to %d recipient(s)", message_id, len(accepted))
+        events.notify(events.MailSentEvent(message_id, accepted))
+        for recipient, reply in refused.items():
+            log.error("direct delivery of %s to %s refused: %s", message_id, recipient, reply)
+            events.notify(events.MailFailedEvent(message_id, [recipient], str(reply)))
+
+    def abort(self):
+        self.mailer.abort()
+
+
+@implementer(IDirectMailDelivery)
+class DirectMailDelivery(_TransactionalDelivery):
+    """Send each message through ``mailer`` while the transaction commits. See ``IDirectMailDelivery``."""
+
+    def __init__(self, mailer, transaction_manager=None):
+        super().__init__(transaction_manager)
+        self.mailer = mailer
+
+    def __repr__(self):
+        return f"<DirectMailDelivery {self.mailer!r}>"
+
+    def _operation(self, prepared):
+        return _DirectOperation(self.mailer, prepared)

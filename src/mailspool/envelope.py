@@ -1,0 +1,117 @@
+"""The queued-file format: envelope and attempt records around untouched message bytes.
+
+A queue file (format 1, see docs/queue.rst) is::
+
+    MAILSPOOL 1\\n                  <- magic and format version
+    {"sender": ..., ...}\\n         <- the envelope, one line of UTF-8 JSON
+    <message bytes>               <- exactly the bytes DATA will send (CRLF)
+
+The message bytes are never parsed or re-serialised after enqueue; the
+header lines are read without touching them. Attempt records live in a
+separate append-only log (one JSON object per line) so that a retry never
+rewrites the message.
+"""
+
+import dataclasses
+import json
+
+from mailspool.exceptions import QueueFileError
+from mailspool.reply import SMTPReply
+
+MAGIC = b"MAILSPOOL"
+FORMAT_VERSION = 1
+# Envelopes are small; the cap keeps a corrupt file from being read whole
+# into memory while looking for the end of the envelope line.
+MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Envelope:
+    """Who a queued message is from and to, and when it was queued."""
+
+    sender: str
+    recipients: tuple
+    message_id: str
+    enqueued_at: float
+
+    def to_bytes(self):
+        """Return the file prefix for this envelope: magic line and JSON line."""
+        record = {
+            "sender": self.sender,
+            "recipients": list(self.recipients),
+            "message_id": self.message_id,
+            "enqueued_at": self.enqueued_at,
+        }
+        envelope_line = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+        return b"%s %d\n%s\n" % (MAGIC, FORMAT_VERSION, envelope_line.encode("utf-8"))
+
+    @classmethod
+    def read_from(cls, stream, name):
+        """Read the prefix from a binary ``stream``; return the Envelope.
+
+        Leaves the stream positioned at the first byte of the message.
+        ``name`` is used in errors. Raises ``QueueFileError`` naming what is
+        wrong when the prefix is missing, truncated or not format 1.
+        """
+        magic_line = stream.readline(64)
+        if not magic_line.startswith(MAGIC + b" ") or not magic_line.endswith(b"\n"):
+            raise QueueFileError(f"{name}: not a mailspool queue file (no {MAGIC.decode()} line)", name)
+        version = magic_line[len(MAGIC) + 1:].strip()
+        if version != b"%d" % FORMAT_VERSION:
+            raise QueueFileError(
+                f"{name}: queue file format {version.decode('ascii', 'replace')!r} "
+                f"is not supported (this release reads format {FORMAT_VERSION})",
+                name,
+            )
+        envelope_line = stream.readline(MAX_ENVELOPE_BYTES)
+        if not envelope_line.endswith(b"\n"):
+            raise QueueFileError(f"{name}: envelope line is truncated", name)
+        try:
+            record = json.loads(envelope_line)
+            return cls(
+                sender=str(record["sender"]),
+                recipients=tuple(str(r) for r in record["recipients"]),
+                message_id=str(record["message_id"]),
+                enqueued_at=float(record["enqueued_at"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise QueueFileError(f"{name}: envelope is not valid: {exc}", name) from exc
+
+
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    """What happened when a processor tried to deliver a message once.
+
+    ``recipients`` maps each recipient the server answered individually to
+    its reply; ``accepted`` lists those that got the message. ``error`` is
+    a one-line reason when the attempt as a whole failed.
+    """
+
+    at: float
+    server: str = ""
+    accepted: tuple = ()
+    refused: dict = dataclasses.field(default_factory=dict)
+    error: str = ""
+
+    def to_line(self):
+        """Return the attempt as one line of JSON (bytes, newline-terminated)."""
+        record = {
+            "at": self.at,
+            "server": self.server,
+            "accepted": list(self.accepted),
+            "refused": {rcpt: list(reply) for rcpt, reply in self.refused.items()},
+            "error": self.error,
+        }
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+
+    @classmethod
+    def from_line(cls, line):
+        """Parse one line written by ``to_line``. Raises ``ValueError`` if it is not one."""
+        record = json.loads(line)
+        return cls(
+            at=float(record["at"]),
+            server=str(record.get("server", "")),
+            accepted=tuple(record.get("accepted", ())),
+            refused={rcpt: SMTPReply(int(code), str(text)) for rcpt, (code, text) in record.get("refused", {}).items()},
+            error=str(record.get("error", "")),
+        )

@@ -1,0 +1,229 @@
+"""The contracts of record: what every delivery, mailer, queue and processor promises.
+
+The names follow ``zope.sendmail.interfaces`` so that code and adapters
+written against zope.sendmail or repoze.sendmail fit unchanged.
+Implementations say "See ``IMailQueue.claim``" and document only what they
+add; when code and this module disagree, this module is right and the code
+is a bug.
+"""
+
+from zope.interface import Attribute, Interface
+
+
+class IMailDelivery(Interface):
+    """Hands a message to the mail system as part of a transaction."""
+
+    def send(fromaddr, toaddrs, message):
+        """Send ``message`` from ``fromaddr`` to ``toaddrs`` when the transaction commits.
+
+        ``fromaddr`` is the envelope sender (``str``; ``""`` for a null
+        sender), ``toaddrs`` a non-empty sequence of envelope recipients
+        (``str``). Non-ASCII addresses are accepted; SMTPUTF8 is negotiated
+        at delivery. ``message`` is an ``email.message.Message`` or the
+        ``bytes`` of one (bare LF line endings are accepted and normalised to
+        CRLF). A Message-Id and a Date header are added when absent; Bcc
+        headers are removed (their addresses stay envelope recipients only if
+        they are in ``toaddrs``).
+
+        Returns the Message-Id (with its angle brackets).
+
+        Joins the current transaction of the delivery's transaction manager;
+        nothing leaves the process unless that transaction commits.
+
+        Raises, before joining the transaction:
+
+        - ``mailspool.exceptions.InvalidMessage`` (a ``ValueError``) or one of
+          its subclasses for bad input, naming the problem;
+        - ``mailspool.exceptions.TransactionNotBegun`` when the manager is
+          explicit and no transaction was begun.
+        """
+
+
+class IDirectMailDelivery(IMailDelivery):
+    """Delivers through a mailer during the commit, without a queue.
+
+    The mailer's ``vote`` runs in ``tpc_vote`` (so an unreachable server or
+    refused recipients abort the transaction where the mailer can tell);
+    ``send`` runs in ``tpc_finish``, where a failure is logged and reported as
+    a ``MailFailedEvent``, never raised: the transaction has committed.
+    """
+
+    mailer = Attribute("The IMailer used for delivery.")
+
+
+class IQueuedMailDelivery(IMailDelivery):
+    """Writes the message into a queue at commit; a processor delivers it later.
+
+    An error writing the queue (full disk, read-only directory) is raised
+    from ``tpc_vote`` and aborts the whole transaction.
+    """
+
+    queuePath = Attribute("Path of the queue directory (zope.sendmail's name).")
+    queue = Attribute("The IMailQueue messages are written to.")
+
+
+class IMailer(Interface):
+    """Delivers one message now, synchronously (zope.sendmail's contract, made precise)."""
+
+    def send(fromaddr, toaddrs, message):
+        """Deliver ``message`` (``bytes`` with CRLF line endings, sent as is).
+
+        Returns a mapping ``{recipient: SMTPReply}`` of the recipients the
+        server refused while accepting the message for the others; it is
+        empty when every recipient was accepted. When ``send`` returns, the
+        message was handed over for every recipient not in that mapping.
+
+        Raises ``TransientDeliveryError`` when nobody got the message and a
+        later attempt may succeed, ``PermanentDeliveryError`` when nobody
+        got it and a later attempt cannot succeed. Never raises anything else
+        for a failure of the server or the network.
+        """
+
+    def vote(fromaddr, toaddrs, message):
+        """Raise a ``DeliveryError`` if it is already known that ``send`` would fail.
+
+        Called from a data manager's ``tpc_vote``. A mailer that cannot tell
+        does nothing. A mailer may keep resources (a connection) between
+        ``vote`` and the following ``send`` or ``abort``.
+        """
+
+    def abort():
+        """Release whatever ``vote`` kept. Must never raise."""
+
+
+class ISMTPMailer(IMailer):
+    """A mailer that relays through one SMTP server."""
+
+    hostname = Attribute("Name or address of the SMTP server.")
+    port = Attribute("TCP port of the SMTP server.")
+    username = Attribute("User name for SMTP AUTH, or None for no AUTH.")
+    tls = Attribute(
+        "'starttls' (required), 'ssl' (implicit TLS, port 465), "
+        "'opportunistic' (STARTTLS when offered) or 'none'."
+    )
+    timeout = Attribute("Seconds allowed for each blocking network operation.")
+
+
+class IStagedMessage(Interface):
+    """A message written durably to a queue but not yet visible to processors."""
+
+    queue_id = Attribute("The id the message will have in the queue.")
+
+    def publish():
+        """Make the message visible to processors, durably.
+
+        Called from ``tpc_finish``. May raise ``OSError`` only if the
+        operating system fails an operation that cannot fail on a sane
+        file system; the caller logs that loudly and never re-raises.
+        """
+
+    def discard():
+        """Remove the staged message. Idempotent. Must never raise."""
+
+
+class IClaimedMessage(Interface):
+    """A message one processor holds exclusively until it settles it."""
+
+    queue_id = Attribute("The message's id in its queue.")
+    envelope = Attribute("The mailspool.envelope.Envelope: sender, recipients, ids, times.")
+    attempts = Attribute("List of earlier mailspool.envelope.Attempt records, oldest first.")
+
+    def read():
+        """Return the message bytes exactly as committed.
+
+        Raises ``QueueFileError`` if they cannot be read.
+        """
+
+
+class IMailQueue(Interface):
+    """Storage for queued messages: the seam between processors and the storage.
+
+    Its words are storage words, never SMTP words. Every operation is safe
+    while other processes (on this or other hosts) use the same queue.
+    A message is only ever removed by ``complete`` (delivered) or kept in
+    the failed state by ``fail``; nothing else deletes a committed message.
+    """
+
+    def add(envelope, data):
+        """Stage ``data`` (CRLF ``bytes``) with its envelope; return an IStagedMessage.
+
+        The bytes are on stable storage when this returns, but invisible to
+        processors until ``publish()``. Raises ``QueueError`` (an
+        ``OSError``) naming the path when the queue cannot be written.
+        """
+
+    def due(now=None):
+        """Iterate the ids of messages that may be claimed at ``now`` (epoch seconds).
+
+        Ready messages and deferred ones whose retry time has come. The
+        result is a snapshot; a listed id may be claimed by someone else
+        before the caller gets to it.
+        """
+
+    def claim(queue_id):
+        """Take the message for exclusive processing; return an IClaimedMessage or None.
+
+        Atomic: of any number of concurrent callers, exactly one gets the
+        message; the others get ``None``, as does a caller whose id is gone.
+        Raises ``QueueFileError`` when the message was claimed but its file
+        cannot be parsed; the claim is then already released to the failed
+        state with that reason, so the caller just moves on.
+        """
+
+    def complete(claim):
+        """The message was delivered to every recipient: remove it."""
+
+    def defer(claim, attempt, until):
+        """Record ``attempt`` and make the message due again at ``until`` (epoch seconds).
+
+        The message bytes are not rewritten.
+        """
+
+    def fail(claim, attempt):
+        """Record ``attempt`` (whose ``error`` says why) and move the message to the failed state."""
+
+    def release(claim):
+        """Give the message back, unchanged and due now (for example on shutdown)."""
+
+    def cleanup(now=None):
+        """Housekeeping that must never lose a committed message.
+
+        Removes staging files abandoned by crashed writers (older than a
+        day) and returns claims whose processor died. Returns a mapping of
+        what it did, by kind, for logging.
+        """
+
+    def counts():
+        """Return ``{state: number}`` for every state, cheaply (no message is parsed)."""
+
+
+class IMailQueueProcessor(Interface):
+    """Drains an IMailQueue through an IMailer."""
+
+    queue = Attribute("The IMailQueue being drained.")
+    mailer = Attribute("The IMailer used for delivery.")
+
+    def run_once():
+        """Try every message that is due once; return a RunSummary.
+
+        Never raises because of one message: a message that cannot be read
+        or that makes delivery fail unexpectedly is moved to the failed state
+        with the reason, and the run goes on with the rest.
+        """
+
+
+class IMailEvent(Interface):
+    """Something happened to a message (sent through zope.event when installed)."""
+
+    message_id = Attribute("The Message-Id of the message, with angle brackets.")
+    recipients = Attribute("The envelope recipients the event is about.")
+
+
+class IMailSentEvent(IMailEvent):
+    """The message was handed to the server for ``recipients``."""
+
+
+class IMailFailedEvent(IMailEvent):
+    """Delivery to ``recipients`` failed; ``reason`` says why, in one line."""
+
+    reason = Attribute("Why delivery failed, for people.")

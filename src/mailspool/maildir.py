@@ -1,0 +1,408 @@
+"""MaildirQueue: the on-disk queue, safe for many processes and hosts sharing a directory.
+
+Layout (format 1, documented in docs/queue.rst)::
+
+    queue/
+      tmp/       staged by tpc_vote; invisible to processors
+      new/       ready to deliver (the Maildir name, so Maildir tools can read it)
+      active/    claimed by exactly one processor, which holds a flock on the file
+      deferred/  waiting for a retry; the file's mtime is the time it is due
+      failed/    given up; kept with its attempt log until an operator acts
+      log/       one attempt log per message id, JSON lines, append-only
+
+The claim protocol. Every step is one atomic rename, so a message is always
+in exactly one of the state directories::
+
+    send ─ tpc_vote ──> tmp/ID  (write, fsync)
+           tpc_finish ─> rename tmp/ID -> new/ID, fsync new/
+    claim:  open new/ID (or deferred/ID once due), flock(LOCK_EX|LOCK_NB),
+            rename -> active/ID      (losers get EWOULDBLOCK or ENOENT: None)
+    settle: complete  unlink active/ID, fsync active/, unlink log/ID
+            defer     append log/ID, fsync; utime(active/ID, due); rename -> deferred/ID
+            fail      append log/ID, fsync; rename -> failed/ID
+            release   rename -> new/ID
+    recover: active/ID whose flock can be taken (its holder died) -> new/ID
+
+The lock is taken before the rename into active/, so a claimed file is
+never without its lock, and the kernel drops the lock when a processor
+dies: recovery on the same host is immediate and needs no timeout.
+"""
+
+import errno
+import fcntl
+import itertools
+import logging
+import os
+import secrets
+import socket
+import stat
+import time
+
+from zope.interface import implementer
+
+from mailspool.envelope import Attempt, Envelope
+from mailspool.exceptions import QueueError, QueueFileError
+from mailspool.interfaces import IClaimedMessage, IMailQueue, IStagedMessage
+
+log = logging.getLogger(__name__)
+
+READY, ACTIVE, DEFERRED, FAILED = "ready", "active", "deferred", "failed"
+STATE_DIRS = {READY: "new", ACTIVE: "active", DEFERRED: "deferred", FAILED: "failed"}
+STAGING_DIR = "tmp"
+LOG_DIR = "log"
+
+# A writer that staged a file and died before tpc_finish leaves it in tmp/.
+# A day is far longer than any transaction, so older files are abandoned.
+STALE_STAGING_SECONDS = 24 * 3600
+
+_sequence = itertools.count()
+_hostname = "".join(c if c.isalnum() or c in "-." else "_" for c in socket.gethostname())
+
+
+def unique_name(now=None):
+    """Return a queue id unique across time, processes and hosts (the Maildir rules).
+
+    ``<seconds>.M<microseconds>P<pid>Q<counter>R<random>.<host>``; the host
+    is reduced to letters, digits, ``-`` and ``.`` so ids are safe in file
+    names and shells.
+    """
+    now = time.time() if now is None else now
+    seconds = int(now)
+    micro = int((now - seconds) * 1_000_000)
+    return f"{seconds}.M{micro:06d}P{os.getpid()}Q{next(_sequence)}R{secrets.token_hex(4)}.{_hostname}"
+
+
+def fsync_directory(path):
+    """Make the entries of directory ``path`` (renames, unlinks) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@implementer(IStagedMessage)
+class StagedFile:
+    """A queue file written to tmp/. See ``IStagedMessage``."""
+
+    def __init__(self, queue, queue_id):
+        self.queue = queue
+        self.queue_id = queue_id
+        self._staged_path = queue._path(STAGING_DIR, queue_id)
+
+    def publish(self):
+        """See ``IStagedMessage.publish``."""
+        os.rename(self._staged_path, self.queue._path(STATE_DIRS[READY], self.queue_id))
+        fsync_directory(self.queue._dir(READY))
+
+    def discard(self):
+        """See ``IStagedMessage.discard``."""
+        try:
+            os.unlink(self._staged_path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            log.exception("could not remove staged queue file %s", self._staged_path)
+
+
+@implementer(IClaimedMessage)
+class ClaimedFile:
+    """A message in active/, locked by this process. See ``IClaimedMessage``."""
+
+    def __init__(self, queue, queue_id, fd, envelope, data_offset, attempts):
+        self.queue = queue
+        self.queue_id = queue_id
+        self.envelope = envelope
+        self.attempts = attempts
+        self._fd = fd
+        self._data_offset = data_offset
+
+    @property
+    def path(self):
+        return self.queue._path(STATE_DIRS[ACTIVE], self.queue_id)
+
+    def read(self):
+        """See ``IClaimedMessage.read``."""
+        try:
+            size = os.fstat(self._fd).st_size
+            return os.pread(self._fd, size - self._data_offset, self._data_offset)
+        except OSError as exc:
+            raise QueueFileError(f"{self.path}: cannot read message: {exc.strerror}", self.path) from exc
+
+    def _close(self):
+        """Drop the lock. Called only after the file has left active/ (or been removed)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@implementer(IMailQueue)
+class MaildirQueue:
+    """A mail queue in a directory. See ``IMailQueue``.
+
+    ``MaildirQueue(path, create=True)`` creates the directory tree (mode
+    0700) when it is missing. Raises ``QueueError`` naming the path when
+    ``path`` is not a directory, or is missing and ``create`` is false.
+    """
+
+    def __init__(self, path, create=True):
+        self.path = os.path.abspath(os.fspath(path))
+        subdirs = [STAGING_DIR, LOG_DIR, *STATE_DIRS.values()]
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise QueueError(f"queue path {self.path} exists but is not a directory", self.path)
+        if not create and not os.path.isdir(self.path):
+            raise QueueError(f"queue directory {self.path} does not exist", self.path)
+        # The queue itself and its subdirectories get 0700; parents we had to
+        # create get the umask's default, like `mkdir -p`.
+        for subdir in [self.path, *(os.path.join(self.path, name) for name in subdirs)]:
+            if os.path.isdir(subdir):
+                continue
+            if not create:
+                raise QueueError(f"queue directory {self.path} has no {os.path.basename(subdir)}/ "
+                                 "(not a mailspool queue?)", self.path)
+            try:
+                os.makedirs(os.path.dirname(subdir), exist_ok=True)
+                os.mkdir(subdir, mode=0o700)
+            except FileExistsError:
+                pass  # created by a concurrent process
+            except OSError as exc:
+                raise QueueError(f"cannot create queue directory {subdir}: {exc.strerror}", subdir) from exc
+
+    def __repr__(self):
+        return f"<MaildirQueue {self.path}>"
+
+    def _dir(self, state):
+        return os.path.join(self.path, STATE_DIRS[state])
+
+    def _path(self, subdir, queue_id):
+        return os.path.join(self.path, subdir, queue_id)
+
+    # -- writing -----------------------------------------------------------
+
+    def add(self, envelope, data):
+        """See ``IMailQueue.add``."""
+        queue_id = unique_name()
+        staged_path = self._path(STAGING_DIR, queue_id)
+        try:
+            fd = os.open(staged_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise QueueError(f"cannot write to queue {self.path}: {exc.strerror} ({staged_path})", self.path) from exc
+        try:
+            with os.fdopen(fd, "wb") as stream:
+                stream.write(envelope.to_bytes())
+                stream.write(data)
+                stream.flush()
+                os.fsync(stream.fileno())
+        except OSError as exc:
+            _unlink_quietly(staged_path)
+            raise QueueError(f"cannot write to queue {self.path}: {exc.strerror} ({staged_path})", self.path) from exc
+        except BaseException:
+            _unlink_quietly(staged_path)
+            raise
+        return StagedFile(self, queue_id)
+
+    # -- processing --------------------------------------------------------
+
+    def due(self, now=None):
+        """See ``IMailQueue.due``. Ready messages first, oldest first."""
+        now = time.time() if now is None else now
+        yield from sorted(self._names(READY))
+        for entry in _scan(self._dir(DEFERRED)):
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime <= now:
+                    yield entry.name
+            except FileNotFoundError:
+                continue  # claimed by someone else meanwhile
+
+    def claim(self, queue_id, now=None):
+        """See ``IMailQueue.claim``. Looks in new/, then deferred/ (only if due)."""
+        now = time.time() if now is None else now
+        for state in (READY, DEFERRED):
+            source = self._path(STATE_DIRS[state], queue_id)
+            try:
+                fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    self._set_aside(source, queue_id, "a symbolic link where a message should be (never followed)")
+                    raise QueueFileError(f"{source}: symbolic link moved to failed/", source) from exc
+                raise QueueError(f"cannot open {source}: {exc.strerror}", source) from exc
+            claimed = self._lock_and_take(fd, source, queue_id, state, now)
+            if claimed is not None:
+                return claimed
+            return None
+        return None
+
+    def _lock_and_take(self, fd, source, queue_id, state, now):
+        """Lock ``fd`` and rename its file into active/; return a ClaimedFile or None."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None  # another processor holds it
+        try:
+            info = os.fstat(fd)
+            if state == DEFERRED and info.st_mtime > now:
+                os.close(fd)
+                return None  # deferred again by someone else since it was listed
+            target = self._path(STATE_DIRS[ACTIVE], queue_id)
+            try:
+                os.rename(source, target)
+            except FileNotFoundError:
+                os.close(fd)
+                return None  # delivered or moved by someone else since we opened it
+        except BaseException:
+            if fd is not None:
+                _close_quietly(fd)
+            raise
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            self._set_aside(target, queue_id, "not a regular file")
+            raise QueueFileError(f"{source}: not a regular file; moved to failed/", source)
+        try:
+            with os.fdopen(os.dup(fd), "rb") as stream:
+                envelope = Envelope.read_from(stream, source)
+                data_offset = stream.tell()
+            attempts = self._read_attempts(queue_id)
+        except QueueFileError as exc:
+            claimed = ClaimedFile(self, queue_id, fd, None, 0, [])
+            self.fail(claimed, Attempt(at=time.time(), error=f"unreadable queue file: {exc}"))
+            raise
+        except OSError as exc:
+            claimed = ClaimedFile(self, queue_id, fd, None, 0, [])
+            self.fail(claimed, Attempt(at=time.time(), error=f"unreadable queue file: {exc}"))
+            raise QueueFileError(f"{source}: cannot read: {exc.strerror}", source) from exc
+        return ClaimedFile(self, queue_id, fd, envelope, data_offset, attempts)
+
+    def _set_aside(self, path, queue_id, reason):
+        """Move something that is not a message (a link, a directory) to failed/ with ``reason``."""
+        self._append_attempt(queue_id, Attempt(at=time.time(), error=reason))
+        try:
+            os.rename(path, self._path(STATE_DIRS[FAILED], queue_id))
+        except FileNotFoundError:
+            return  # someone else set it aside first
+        log.error("queue entry %s set aside to failed/: %s", queue_id, reason)
+
+    def complete(self, claim):
+        """See ``IMailQueue.complete``."""
+        os.unlink(claim.path)
+        claim._close()
+        fsync_directory(self._dir(ACTIVE))
+        _unlink_quietly(self._path(LOG_DIR, claim.queue_id))
+
+    def defer(self, claim, attempt, until):
+        """See ``IMailQueue.defer``. The due time is the file's mtime (as Postfix does)."""
+        self._append_attempt(claim.queue_id, attempt)
+        os.utime(claim.path, (until, until))
+        self._move_claim(claim, DEFERRED)
+
+    def fail(self, claim, attempt):
+        """See ``IMailQueue.fail``."""
+        self._append_attempt(claim.queue_id, attempt)
+        self._move_claim(claim, FAILED)
+        log.warning("message %s moved to failed/: %s", claim.queue_id, attempt.error or "see its attempt log")
+
+    def release(self, claim):
+        """See ``IMailQueue.release``."""
+        self._move_claim(claim, READY)
+
+    def _move_claim(self, claim, state):
+        os.rename(claim.path, self._path(STATE_DIRS[state], claim.queue_id))
+        claim._close()
+        fsync_directory(self._dir(state))
+
+    # -- attempt logs ------------------------------------------------------
+
+    def _append_attempt(self, queue_id, attempt):
+        path = self._path(LOG_DIR, queue_id)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, attempt.to_line())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _read_attempts(self, queue_id):
+        """Return the attempt records of ``queue_id``; a damaged line is skipped with a warning."""
+        path = self._path(LOG_DIR, queue_id)
+        try:
+            with open(path, "rb") as stream:
+                lines = stream.readlines()
+        except FileNotFoundError:
+            return []
+        attempts = []
+        for number, line in enumerate(lines, 1):
+            try:
+                attempts.append(Attempt.from_line(line))
+            except (ValueError, KeyError, TypeError):
+                log.warning("%s line %d: damaged attempt record skipped", path, number)
+        return attempts
+
+    # -- maintenance and inspection -----------------------------------------
+
+    def cleanup(self, now=None):
+        """See ``IMailQueue.cleanup``."""
+        now = time.time() if now is None else now
+        done = {"stale_staging_removed": 0, "dead_claims_released": 0}
+        for entry in _scan(os.path.join(self.path, STAGING_DIR)):
+            try:
+                if now - entry.stat(follow_symlinks=False).st_mtime > STALE_STAGING_SECONDS:
+                    os.unlink(entry.path)
+                    done["stale_staging_removed"] += 1
+                    log.info("removed abandoned staging file %s", entry.path)
+            except FileNotFoundError:
+                continue
+        for queue_id in self._names(ACTIVE):
+            if self._release_if_holder_died(queue_id):
+                done["dead_claims_released"] += 1
+        return done
+
+    def _release_if_holder_died(self, queue_id):
+        path = self._path(STATE_DIRS[ACTIVE], queue_id)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return False  # settled meanwhile, or not a file (claim() sets those aside)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False  # its processor is alive
+        try:
+            os.rename(path, self._path(STATE_DIRS[READY], queue_id))
+        except FileNotFoundError:
+            return False
+        finally:
+            os.close(fd)
+        log.warning("message %s returned to the queue: the processor that claimed it died", queue_id)
+        return True
+
+    def _names(self, state):
+        return [entry.name for entry in _scan(self._dir(state))]
+
+    def counts(self):
+        """See ``IMailQueue.counts``."""
+        return {state: len(self._names(state)) for state in STATE_DIRS}
+
+
+def _scan(directory):
+    """Yield the entries of ``directory`` that can be queue files (not dot files)."""
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if not entry.name.startswith("."):
+                yield entry
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _close_quietly(fd):
+    try:
+        os.close(fd)
+    except OSError:
+        pass
