@@ -160,8 +160,11 @@ class IMailQueue(Interface):
         before the caller gets to it.
         """
 
-    def claim(queue_id):
+    def claim(queue_id, now=None):
         """Take the message for exclusive processing; return an IClaimedMessage or None.
+
+        A deferred message is only taken once it is due at ``now`` (epoch
+        seconds, default the current time).
 
         Atomic: of any number of concurrent callers, exactly one gets the
         message; the others get ``None``, as does a caller whose id is gone.

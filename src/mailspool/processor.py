@@ -6,9 +6,11 @@ network only through ``IMailer``; it never looks at an SMTP reply code
 
 Outcomes of one attempt::
 
-    mailer.send returns {}              -> complete (removed)
-    returns {rcpt: 5xx, ...}            -> failed/ (accepted recipients are done)
+    mailer.send returns {}              -> complete (removed), unless an earlier
+                                           attempt had a recipient refused for good
     returns {rcpt: 4xx, ...}            -> deferred; only those recipients are retried
+    returns {rcpt: 5xx, ...}            -> failed/ once no 4xx recipient is left
+                                           (accepted recipients are never sent it again)
     raises TransientDeliveryError       -> deferred with back-off, failed/ past max_age/max_attempts
     raises PermanentDeliveryError       -> failed/
     anything else (a bug, a bad file)   -> failed/ with the reason; the run goes on
@@ -104,7 +106,7 @@ class QueueProcessor:
             log.info("queue housekeeping: %s", housekeeping)
         for queue_id in self.queue.due(self._clock()):
             try:
-                claim = self.queue.claim(queue_id)
+                claim = self.queue.claim(queue_id, self._clock())
             except QueueFileError as exc:
                 log.error("skipping unreadable queue entry %s: %s", queue_id, exc)
                 summary.failed += 1
@@ -147,11 +149,14 @@ class QueueProcessor:
         attempt = Attempt(at=now, server=server, accepted=accepted, refused=dict(refused))
         if accepted:
             log.info("sent %s (%s) to %d recipient(s) via %s", envelope.message_id, claim.queue_id, len(accepted), server)
-        if any(not reply.is_permanent for reply in refused.values()):
+        history = [*claim.attempts, attempt]
+        if recipients_left(envelope, history):
             return self._retry_later(claim, attempt)
-        if refused:
-            self.queue.fail(claim, attempt)
-            log.error("%s refused for good for %s", envelope.message_id, ", ".join(refused))
+        refused_for_good = _refused_for_good(history)
+        if refused_for_good:
+            reason = "refused for good: " + "; ".join(f"{rcpt}: {reply}" for rcpt, reply in refused_for_good.items())
+            self.queue.fail(claim, dataclasses.replace(attempt, error=reason))
+            log.error("%s %s", envelope.message_id, reason)
             return "failed"
         self.queue.complete(claim)
         return "sent"
@@ -171,6 +176,13 @@ class QueueProcessor:
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until)), attempt.error or "some recipients deferred",
         )
         return "deferred"
+
+
+def _refused_for_good(attempts):
+    """Recipients refused with a permanent reply in any of ``attempts``, with that reply."""
+    return {
+        rcpt: reply for attempt in attempts for rcpt, reply in attempt.refused.items() if reply.is_permanent
+    }
 
 
 def _consecutive_failures(attempts):

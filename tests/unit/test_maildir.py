@@ -1,0 +1,167 @@
+"""MaildirQueue on real files: names, claims, settling, poison entries and housekeeping."""
+
+import os
+import re
+import threading
+import time
+
+import pytest
+
+from mailspool.envelope import Attempt, Envelope
+from mailspool.exceptions import QueueError, QueueFileError
+from mailspool.maildir import MaildirQueue, unique_name
+from mailspool.reply import SMTPReply
+
+DATA = b"Subject: x\r\n\r\nbody\r\n"
+
+
+def enqueue(queue, number=0):
+    envelope = Envelope("shop@example.org", ("a@example.org", "b@example.org"), f"<{number}@example.org>", time.time())
+    staged = queue.add(envelope, DATA)
+    staged.publish()
+    return staged.queue_id
+
+
+def test_unique_names_follow_the_maildir_rules():
+    names = {unique_name() for _ in range(2000)}
+    assert len(names) == 2000
+    for name in names:
+        assert re.fullmatch(r"\d+\.M\d{6}P\d+Q\d+R[0-9a-f]{8}\.[A-Za-z0-9._-]+", name), name
+
+
+def test_a_missing_queue_is_an_error_when_not_creating(tmp_path):
+    with pytest.raises(QueueError, match=f"{tmp_path / 'absent'} does not exist"):
+        MaildirQueue(tmp_path / "absent", create=False)
+
+
+def test_staged_messages_are_invisible_until_published(queue):
+    envelope = Envelope("shop@example.org", ("a@example.org",), "<s@example.org>", time.time())
+    staged = queue.add(envelope, DATA)
+    assert list(queue.due()) == []
+    staged.publish()
+    assert list(queue.due()) == [staged.queue_id]
+
+
+def test_discard_is_idempotent(queue):
+    staged = queue.add(Envelope("", ("a@example.org",), "<d@example.org>", 0.0), DATA)
+    staged.discard()
+    staged.discard()
+    assert os.listdir(os.path.join(queue.path, "tmp")) == []
+
+
+def test_a_message_is_claimed_once(queue):
+    queue_id = enqueue(queue)
+    first = queue.claim(queue_id)
+    assert first is not None and first.read() == DATA
+    assert queue.claim(queue_id) is None
+    assert queue.counts()["active"] == 1
+
+
+def test_threads_racing_claim_each_message_exactly_once(queue):
+    ids = [enqueue(queue, number) for number in range(200)]
+    claimed = []
+    start = threading.Barrier(8)
+
+    def worker():
+        start.wait(timeout=30)
+        for queue_id in ids:
+            claim = queue.claim(queue_id)
+            if claim is not None:
+                claimed.append(claim.queue_id)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(claimed) == sorted(ids)
+
+
+def test_complete_removes_the_message_and_its_log(queue):
+    claim = queue.claim(enqueue(queue))
+    queue.defer(claim, Attempt(at=time.time(), error="451 later"), until=0)
+    claim = queue.claim(claim.queue_id)
+    queue.complete(claim)
+    assert queue.counts() == {"ready": 0, "active": 0, "deferred": 0, "failed": 0}
+    assert os.listdir(os.path.join(queue.path, "log")) == []
+
+
+def test_a_deferred_message_is_due_at_its_time_and_keeps_its_attempts(queue):
+    queue_id = enqueue(queue)
+    before = os.stat(os.path.join(queue.path, "new", queue_id)).st_ino
+    claim = queue.claim(queue_id)
+    until = time.time() + 600
+    attempt = Attempt(at=time.time(), server="mx:25", accepted=("a@example.org",),
+                      refused={"b@example.org": SMTPReply(450, "busy")}, error="")
+    queue.defer(claim, attempt, until)
+
+    assert queue.counts()["deferred"] == 1
+    assert list(queue.due()) == []
+    assert queue.claim(queue_id) is None  # not due yet
+    assert list(queue.due(now=until)) == [queue_id]
+    claim = queue.claim(queue_id, now=until)
+    assert claim.attempts == [attempt]
+    assert claim.read() == DATA
+    # Deferring moved the same file: the message bytes were not rewritten.
+    assert os.stat(os.path.join(queue.path, "active", queue_id)).st_ino == before
+
+
+def test_fail_keeps_the_message_and_the_reason(queue):
+    claim = queue.claim(enqueue(queue))
+    queue.fail(claim, Attempt(at=time.time(), error="550 no such user"))
+    assert queue.counts()["failed"] == 1
+    assert list(queue.due()) == []
+    with open(os.path.join(queue.path, "log", claim.queue_id), "rb") as log_file:
+        assert Attempt.from_line(log_file.readline()).error == "550 no such user"
+
+
+def test_release_makes_the_message_due_again(queue):
+    claim = queue.claim(enqueue(queue))
+    queue.release(claim)
+    assert list(queue.due()) == [claim.queue_id]
+    assert queue.claim(claim.queue_id) is not None
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "not a mailspool queue file"),
+    (b"MAILSPOOL 1\n{\"sender\": \"a\"", "truncated"),
+    (b"MAILSPOOL 1\n{\"sender\": \"a\"}\nbody", "envelope is not valid"),
+    (b"MAILSPOOL 9\n{}\n", "format '9' is not supported"),
+    (bytes(range(256)) * 4, "not a mailspool queue file"),
+])
+def test_an_unreadable_file_is_moved_to_failed_with_the_reason(queue, content, reason):
+    good = enqueue(queue)
+    with open(os.path.join(queue.path, "new", "0.bad"), "wb") as bad_file:
+        bad_file.write(content)
+
+    with pytest.raises(QueueFileError, match=reason):
+        queue.claim("0.bad")
+    assert os.listdir(os.path.join(queue.path, "failed")) == ["0.bad"]
+    with open(os.path.join(queue.path, "log", "0.bad"), "rb") as log_file:
+        assert reason in Attempt.from_line(log_file.readline()).error
+    assert queue.claim(good) is not None
+
+
+def test_a_symlink_is_set_aside_and_never_followed(queue, tmp_path):
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"secret")
+    os.symlink(outside, os.path.join(queue.path, "new", "1.link"))
+
+    with pytest.raises(QueueFileError, match="symbolic link"):
+        queue.claim("1.link")
+    assert os.path.islink(os.path.join(queue.path, "failed", "1.link"))
+    assert outside.read_bytes() == b"secret"
+
+
+def test_a_directory_is_set_aside(queue):
+    os.mkdir(os.path.join(queue.path, "new", "2.dir"))
+    with pytest.raises(QueueFileError, match="not a regular file"):
+        queue.claim("2.dir")
+    assert os.path.isdir(os.path.join(queue.path, "failed", "2.dir"))
+
+
+def test_dot_files_are_ignored(queue):
+    with open(os.path.join(queue.path, "new", ".hidden"), "wb") as hidden:
+        hidden.write(b"x")
+    assert list(queue.due()) == []
+    assert queue.counts()["ready"] == 0
