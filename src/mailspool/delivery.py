@@ -1,5 +1,6 @@
 """QueuedMailDelivery and DirectMailDelivery: ``send()`` inside a transaction."""
 
+import datetime
 import logging
 import time
 
@@ -29,6 +30,10 @@ class _TransactionalDelivery:
     def send(self, fromaddr, toaddrs, message):
         """See ``IMailDelivery.send``."""
         prepared = prepare(fromaddr, toaddrs, message)
+        self._join(self._operation(prepared), prepared.message_id)
+        return prepared.message_id
+
+    def _join(self, operation, message_id):
         try:
             current = self.transaction_manager.get()
         except NoTransaction as exc:
@@ -36,17 +41,16 @@ class _TransactionalDelivery:
                 "send() needs a transaction: the transaction manager is explicit and no "
                 "transaction was begun (call manager.begin() or use 'with manager:')"
             ) from exc
-        operation = self._operation(prepared)
-        current.join(MailDataManager(self.transaction_manager, operation, prepared.message_id))
-        return prepared.message_id
+        current.join(MailDataManager(self.transaction_manager, operation, message_id))
 
 
 class _QueueOperation:
     """Stage in vote, publish in finish, discard on abort (see ``MailDataManager``)."""
 
-    def __init__(self, queue, prepared):
+    def __init__(self, queue, prepared, not_before=None):
         self.queue = queue
         self.prepared = prepared
+        self.not_before = not_before
         self.staged = None
 
     def vote(self):
@@ -55,12 +59,14 @@ class _QueueOperation:
             recipients=self.prepared.recipients,
             message_id=self.prepared.message_id,
             enqueued_at=time.time(),
+            not_before=self.not_before,
         )
         self.staged = self.queue.add(envelope, self.prepared.data)
 
     def finish(self):
         self.staged.publish()
         log.info("queued %s as %s", self.prepared.message_id, self.staged.queue_id)
+        self.queue.announce()
 
     def abort(self):
         if self.staged is not None:
@@ -89,8 +95,28 @@ class QueuedMailDelivery(_TransactionalDelivery):
     def __repr__(self):
         return f"<QueuedMailDelivery {self.queue!r}>"
 
-    def _operation(self, prepared):
-        return _QueueOperation(self.queue, prepared)
+    def send(self, fromaddr, toaddrs, message, send_at=None, delay=None):
+        """See ``IQueuedMailDelivery.send``."""
+        not_before = _not_before(send_at, delay)
+        prepared = prepare(fromaddr, toaddrs, message)
+        self._join(_QueueOperation(self.queue, prepared, not_before), prepared.message_id)
+        return prepared.message_id
+
+
+def _not_before(send_at, delay):
+    """Unix time a scheduled message becomes due, or None; ValueError/TypeError for bad input."""
+    if send_at is not None and delay is not None:
+        raise ValueError("give send_at or delay, not both")
+    if send_at is not None:
+        if not isinstance(send_at, datetime.datetime):
+            raise TypeError(f"send_at must be a datetime, not {type(send_at).__name__}")
+        return send_at.timestamp()  # a naive datetime is local time, as datetime does everywhere
+    if delay is not None:
+        seconds = delay.total_seconds() if isinstance(delay, datetime.timedelta) else float(delay)
+        if seconds < 0:
+            raise ValueError(f"delay must not be negative: {delay!r}")
+        return time.time() + seconds
+    return None
 
 
 class _DirectOperation:

@@ -27,12 +27,17 @@ MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
 
 @dataclasses.dataclass(frozen=True)
 class Envelope:
-    """Who a queued message is from and to, and when it was queued."""
+    """Who a queued message is from and to, when it was queued and when it may be sent.
+
+    ``not_before`` (Unix time) is set for scheduled messages; ``None``
+    means as soon as possible.
+    """
 
     sender: str
     recipients: tuple
     message_id: str
     enqueued_at: float
+    not_before: float = None
 
     def to_bytes(self):
         """Return the file prefix for this envelope: magic line and JSON line."""
@@ -42,6 +47,8 @@ class Envelope:
             "message_id": self.message_id,
             "enqueued_at": self.enqueued_at,
         }
+        if self.not_before is not None:
+            record["not_before"] = self.not_before
         envelope_line = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
         return b"%s %d\n%s\n" % (MAGIC, FORMAT_VERSION, envelope_line.encode("utf-8"))
 
@@ -73,6 +80,7 @@ class Envelope:
                 recipients=tuple(str(r) for r in record["recipients"]),
                 message_id=str(record["message_id"]),
                 enqueued_at=float(record["enqueued_at"]),
+                not_before=None if record.get("not_before") is None else float(record["not_before"]),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise QueueFileError(f"{name}: envelope is not valid: {exc}", name) from exc

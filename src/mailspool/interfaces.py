@@ -61,6 +61,15 @@ class IQueuedMailDelivery(IMailDelivery):
     queuePath = Attribute("Path of the queue directory (zope.sendmail's name).")
     queue = Attribute("The IMailQueue messages are written to.")
 
+    def send(fromaddr, toaddrs, message, send_at=None, delay=None):
+        """See ``IMailDelivery.send``; the message may also be scheduled.
+
+        ``send_at`` (a ``datetime``; a naive one is local time) or ``delay``
+        (a ``timedelta`` or seconds) commit the message as not due before
+        that time; processors leave it alone until then. Giving both is a
+        ``ValueError``. Processors are woken when the transaction commits.
+        """
+
 
 class IMailer(Interface):
     """Delivers one message now, synchronously (zope.sendmail's contract, made precise)."""
@@ -173,6 +182,13 @@ class IMailQueue(Interface):
         state with that reason, so the caller just moves on.
         """
 
+    claim_renewal_interval = Attribute(
+        "Seconds between renew() calls that keep a claim from being taken for abandoned."
+    )
+
+    def renew(claim):
+        """Tell other processors the claim is alive (called while a long send goes on). Cheap."""
+
     def complete(claim):
         """The message was delivered to every recipient: remove it."""
 
@@ -192,12 +208,36 @@ class IMailQueue(Interface):
         """Housekeeping that must never lose a committed message.
 
         Removes staging files abandoned by crashed writers (older than a
-        day) and returns claims whose processor died. Returns a mapping of
-        what it did, by kind, for logging.
+        day) and returns claims whose processor died (at once on this host;
+        on other hosts once not renewed for the stale-claim timeout).
+        Returns a mapping of what it did, by kind, for logging.
         """
 
     def counts():
         """Return ``{state: number}`` for every state, cheaply (no message is parsed)."""
+
+    def announce():
+        """Wake processors waiting on this queue: new mail is ready. Must never raise.
+
+        Called after a commit made messages visible. Reaches processors in
+        this process and, where the storage allows, in other processes.
+        """
+
+    def listener():
+        """Return an IQueueListener for a processor that waits for ``announce``."""
+
+
+class IQueueListener(Interface):
+    """How one waiting processor hears ``IMailQueue.announce``."""
+
+    def wait(timeout):
+        """Block until announced or woken, or ``timeout`` seconds passed; True if announced or woken."""
+
+    def wake():
+        """End the current or next ``wait`` early (from any thread). Must never raise."""
+
+    def close():
+        """Stop listening and release what listening holds. Idempotent."""
 
 
 class IMailQueueProcessor(Interface):

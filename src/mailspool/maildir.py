@@ -5,23 +5,29 @@ Layout (format 1, documented in docs/queue.rst)::
     queue/
       tmp/       staged by tpc_vote; invisible to processors
       new/       ready to deliver (the Maildir name, so Maildir tools can read it)
-      active/    claimed by exactly one processor, which holds a flock on the file
-      deferred/  waiting for a retry; the file's mtime is the time it is due
+      active/    claimed: active/<host>/ID, by exactly one processor on <host>,
+                 which holds a flock on the file and renews its mtime
+      deferred/  waiting for a retry or a scheduled time; mtime = time it is due
       failed/    given up; kept with its attempt log until an operator acts
       log/       one attempt log per message id, JSON lines, append-only
+      wakeup/    one FIFO per waiting processor on each host (see doorbell.py)
 
 The claim protocol. Every step is one atomic rename, so a message is always
 in exactly one of the state directories::
 
     send ─ tpc_vote ──> tmp/ID  (write, fsync)
-           tpc_finish ─> rename tmp/ID -> new/ID, fsync new/
+           tpc_finish ─> rename tmp/ID -> new/ID (scheduled: -> deferred/ID), fsync dir
     claim:  open new/ID (or deferred/ID once due), flock(LOCK_EX|LOCK_NB),
-            rename -> active/ID      (losers get EWOULDBLOCK or ENOENT: None)
-    settle: complete  unlink active/ID, fsync active/, unlink log/ID
-            defer     append log/ID, fsync; utime(active/ID, due); rename -> deferred/ID
+            rename -> active/HOST/ID, utime(now)
+                                     (losers get EWOULDBLOCK or ENOENT: None)
+    renew:  utime(active/HOST/ID, now)   every stale_claim_timeout / 4 while sending
+    settle: complete  unlink active/HOST/ID, fsync, unlink log/ID
+            defer     append log/ID, fsync; utime(due); rename -> deferred/ID
             fail      append log/ID, fsync; rename -> failed/ID
             release   rename -> new/ID
-    recover: active/ID whose flock can be taken (its holder died) -> new/ID
+    recover: active/H/ID whose flock can be taken -> new/ID, when H is this
+             host (its holder died) or its mtime is older than the stale timeout
+             (a host that died, where locks do not cross hosts)
 
 The lock is taken before the rename into active/, so a claimed file is
 never without its lock, and the kernel drops the lock when a processor
@@ -40,6 +46,7 @@ import time
 
 from zope.interface import implementer
 
+from mailspool import doorbell
 from mailspool.envelope import Attempt, Envelope
 from mailspool.exceptions import QueueError, QueueFileError
 from mailspool.interfaces import IClaimedMessage, IMailQueue, IStagedMessage
@@ -50,10 +57,14 @@ READY, ACTIVE, DEFERRED, FAILED = "ready", "active", "deferred", "failed"
 STATE_DIRS = {READY: "new", ACTIVE: "active", DEFERRED: "deferred", FAILED: "failed"}
 STAGING_DIR = "tmp"
 LOG_DIR = "log"
+WAKEUP_DIR = "wakeup"
 
 # A writer that staged a file and died before tpc_finish leaves it in tmp/.
 # A day is far longer than any transaction, so older files are abandoned.
 STALE_STAGING_SECONDS = 24 * 3600
+# A claim on another host whose processor has not renewed it for this long
+# is presumed dead (only consulted where its flock is not held).
+STALE_CLAIM_SECONDS = 300
 
 _sequence = itertools.count()
 _hostname = "".join(c if c.isalnum() or c in "-." else "_" for c in socket.gethostname())
@@ -85,15 +96,20 @@ def fsync_directory(path):
 class StagedFile:
     """A queue file written to tmp/. See ``IStagedMessage``."""
 
-    def __init__(self, queue, queue_id):
+    def __init__(self, queue, queue_id, not_before=None):
         self.queue = queue
         self.queue_id = queue_id
+        self.not_before = not_before
         self._staged_path = queue._path(STAGING_DIR, queue_id)
 
     def publish(self):
-        """See ``IStagedMessage.publish``."""
-        os.rename(self._staged_path, self.queue._path(STATE_DIRS[READY], self.queue_id))
-        fsync_directory(self.queue._dir(READY))
+        """See ``IStagedMessage.publish``. A scheduled message goes to deferred/, due at its time."""
+        state = READY
+        if self.not_before is not None and self.not_before > time.time():
+            os.utime(self._staged_path, (self.not_before, self.not_before))
+            state = DEFERRED
+        os.rename(self._staged_path, self.queue._path(STATE_DIRS[state], self.queue_id))
+        fsync_directory(self.queue._dir(state))
 
     def discard(self):
         """See ``IStagedMessage.discard``."""
@@ -109,17 +125,14 @@ class StagedFile:
 class ClaimedFile:
     """A message in active/, locked by this process. See ``IClaimedMessage``."""
 
-    def __init__(self, queue, queue_id, fd, envelope, data_offset, attempts):
+    def __init__(self, queue, queue_id, path, fd, envelope, data_offset, attempts):
         self.queue = queue
         self.queue_id = queue_id
+        self.path = path
         self.envelope = envelope
         self.attempts = attempts
         self._fd = fd
         self._data_offset = data_offset
-
-    @property
-    def path(self):
-        return self.queue._path(STATE_DIRS[ACTIVE], self.queue_id)
 
     def read(self):
         """See ``IClaimedMessage.read``."""
@@ -143,10 +156,19 @@ class MaildirQueue:
     ``MaildirQueue(path, create=True)`` creates the directory tree (mode
     0700) when it is missing. Raises ``QueueError`` naming the path when
     ``path`` is not a directory, or is missing and ``create`` is false.
+
+    ``stale_claim_timeout`` (seconds) applies to claims made on *other*
+    hosts sharing the directory: one not renewed for that long, and whose
+    lock is free, returns to the queue. Claims on this host return as soon
+    as their processor is dead. Host names must differ between the hosts
+    that share a queue.
     """
 
-    def __init__(self, path, create=True):
+    def __init__(self, path, create=True, stale_claim_timeout=STALE_CLAIM_SECONDS):
         self.path = os.path.abspath(os.fspath(path))
+        self.stale_claim_timeout = float(stale_claim_timeout)
+        self.claim_renewal_interval = self.stale_claim_timeout / 4
+        self._claim_dir = os.path.join(self.path, STATE_DIRS[ACTIVE], _hostname)
         subdirs = [STAGING_DIR, LOG_DIR, *STATE_DIRS.values()]
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise QueueError(f"queue path {self.path} exists but is not a directory", self.path)
@@ -199,7 +221,7 @@ class MaildirQueue:
         except BaseException:
             _unlink_quietly(staged_path)
             raise
-        return StagedFile(self, queue_id)
+        return StagedFile(self, queue_id, envelope.not_before)
 
     # -- processing --------------------------------------------------------
 
@@ -235,7 +257,7 @@ class MaildirQueue:
         return None
 
     def _lock_and_take(self, fd, source, queue_id, state, now):
-        """Lock ``fd`` and rename its file into active/; return a ClaimedFile or None."""
+        """Lock ``fd`` and rename its file into active/HOST/; return a ClaimedFile or None."""
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -246,15 +268,16 @@ class MaildirQueue:
             if state == DEFERRED and info.st_mtime > now:
                 os.close(fd)
                 return None  # deferred again by someone else since it was listed
-            target = self._path(STATE_DIRS[ACTIVE], queue_id)
+            target = os.path.join(self._claim_dir, queue_id)
             try:
-                os.rename(source, target)
+                self._rename_into_claims(source, target)
             except FileNotFoundError:
                 os.close(fd)
                 return None  # delivered or moved by someone else since we opened it
+            if stat.S_ISREG(info.st_mode):
+                os.utime(fd)  # the claim's heartbeat starts now
         except BaseException:
-            if fd is not None:
-                _close_quietly(fd)
+            _close_quietly(fd)
             raise
         if not stat.S_ISREG(info.st_mode):
             os.close(fd)
@@ -265,15 +288,25 @@ class MaildirQueue:
                 envelope = Envelope.read_from(stream, source)
                 data_offset = stream.tell()
             attempts = self._read_attempts(queue_id)
-        except QueueFileError as exc:
-            claimed = ClaimedFile(self, queue_id, fd, None, 0, [])
-            self.fail(claimed, Attempt(at=time.time(), error=f"unreadable queue file: {exc}"))
-            raise
-        except OSError as exc:
-            claimed = ClaimedFile(self, queue_id, fd, None, 0, [])
-            self.fail(claimed, Attempt(at=time.time(), error=f"unreadable queue file: {exc}"))
-            raise QueueFileError(f"{source}: cannot read: {exc.strerror}", source) from exc
-        return ClaimedFile(self, queue_id, fd, envelope, data_offset, attempts)
+        except (QueueFileError, OSError) as exc:
+            error = exc if isinstance(exc, QueueFileError) else QueueFileError(
+                f"{source}: cannot read: {exc.strerror}", source)
+            self.fail(ClaimedFile(self, queue_id, target, fd, None, 0, []),
+                      Attempt(at=time.time(), error=f"unreadable queue file: {error}"))
+            raise error from exc
+        return ClaimedFile(self, queue_id, target, fd, envelope, data_offset, attempts)
+
+    def _rename_into_claims(self, source, target):
+        try:
+            os.rename(source, target)
+        except FileNotFoundError:
+            if os.path.isdir(self._claim_dir):
+                raise
+            try:
+                os.mkdir(self._claim_dir, 0o700)  # this host's first claim
+            except FileExistsError:
+                pass
+            os.rename(source, target)
 
     def _set_aside(self, path, queue_id, reason):
         """Move something that is not a message (a link, a directory) to failed/ with ``reason``."""
@@ -288,7 +321,7 @@ class MaildirQueue:
         """See ``IMailQueue.complete``."""
         os.unlink(claim.path)
         claim._close()
-        fsync_directory(self._dir(ACTIVE))
+        fsync_directory(os.path.dirname(claim.path))
         _unlink_quietly(self._path(LOG_DIR, claim.queue_id))
 
     def defer(self, claim, attempt, until):
@@ -302,6 +335,10 @@ class MaildirQueue:
         self._append_attempt(claim.queue_id, attempt)
         self._move_claim(claim, FAILED)
         log.warning("message %s moved to failed/: %s", claim.queue_id, attempt.error or "see its attempt log")
+
+    def renew(self, claim):
+        """See ``IMailQueue.renew``."""
+        os.utime(claim._fd)
 
     def release(self, claim):
         """See ``IMailQueue.release``."""
@@ -353,33 +390,56 @@ class MaildirQueue:
                     log.info("removed abandoned staging file %s", entry.path)
             except FileNotFoundError:
                 continue
-        for queue_id in self._names(ACTIVE):
-            if self._release_if_holder_died(queue_id):
-                done["dead_claims_released"] += 1
+        for host_dir in self._claim_host_dirs():
+            this_host = host_dir.name == _hostname
+            for entry in _scan(host_dir.path):
+                if self._release_if_abandoned(entry.path, entry.name, this_host, now):
+                    done["dead_claims_released"] += 1
         return done
 
-    def _release_if_holder_died(self, queue_id):
-        path = self._path(STATE_DIRS[ACTIVE], queue_id)
+    def _release_if_abandoned(self, path, queue_id, this_host, now):
+        """Return a claim to new/ if its lock is free and it was made here or has gone stale."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
             return False  # settled meanwhile, or not a file (claim() sets those aside)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False  # its processor is alive
-        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # its processor is alive
+            silent_for = now - os.fstat(fd).st_mtime
+            if not this_host and silent_for <= self.stale_claim_timeout:
+                return False  # maybe alive on a host whose locks we cannot see
             os.rename(path, self._path(STATE_DIRS[READY], queue_id))
         except FileNotFoundError:
             return False
         finally:
             os.close(fd)
-        log.warning("message %s returned to the queue: the processor that claimed it died", queue_id)
+        if this_host:
+            log.warning("message %s returned to the queue: the processor that claimed it died", queue_id)
+        else:
+            log.warning("message %s returned to the queue: its claim was not renewed for %ds",
+                        queue_id, silent_for)
         return True
 
     def _names(self, state):
+        if state == ACTIVE:
+            return [entry.name for host_dir in self._claim_host_dirs() for entry in _scan(host_dir.path)]
         return [entry.name for entry in _scan(self._dir(state))]
+
+    # -- waking processors ----------------------------------------------------
+
+    def announce(self):
+        """See ``IMailQueue.announce``."""
+        doorbell.ring(os.path.join(self.path, WAKEUP_DIR))
+
+    def listener(self):
+        """See ``IMailQueue.listener``. Raises ``OSError`` if no FIFO can be made."""
+        return doorbell.Listener(os.path.join(self.path, WAKEUP_DIR))
+
+    def _claim_host_dirs(self):
+        return [entry for entry in _scan(self._dir(ACTIVE)) if entry.is_dir(follow_symlinks=False)]
 
     def counts(self):
         """See ``IMailQueue.counts``."""

@@ -14,15 +14,21 @@ Outcomes of one attempt::
     raises TransientDeliveryError       -> deferred with back-off, failed/ past max_age/max_attempts
     raises PermanentDeliveryError       -> failed/
     anything else (a bug, a bad file)   -> failed/ with the reason; the run goes on
+
+Three modes share this engine: ``run_once`` (cron), ``run_forever`` (the
+daemon) and ``QueueProcessorThread`` (in-process).
 """
 
+import contextlib
 import dataclasses
 import logging
 import random
+import threading
 import time
 
 from zope.interface import implementer
 
+from mailspool import deliverylog
 from mailspool.envelope import Attempt
 from mailspool.exceptions import PermanentDeliveryError, QueueFileError, TransientDeliveryError
 from mailspool.interfaces import IMailQueue, IMailQueueProcessor
@@ -30,17 +36,25 @@ from mailspool.maildir import MaildirQueue
 
 log = logging.getLogger(__name__)
 
+DEFAULT_POLL_INTERVAL = 30.0
+
 
 @dataclasses.dataclass
 class RunSummary:
-    """What one ``run_once`` did: messages sent, deferred and moved to failed."""
+    """What one ``run_once`` did.
+
+    ``sent``: delivered to every recipient; ``deferred``: to be retried;
+    ``failed``: moved to the failed state; ``skipped``: listed as due, but
+    taken by another processor first or no longer due when claimed.
+    """
 
     sent: int = 0
     deferred: int = 0
     failed: int = 0
+    skipped: int = 0
 
     def __str__(self):
-        return f"{self.sent} sent, {self.deferred} deferred, {self.failed} failed"
+        return f"{self.sent} sent, {self.deferred} deferred, {self.failed} failed, {self.skipped} skipped"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,39 +99,153 @@ def recipients_left(envelope, attempts):
 class QueueProcessor:
     """Deliver what is due in a queue. See ``IMailQueueProcessor``.
 
-    ``queue`` is a directory path or an ``IMailQueue``; the other keyword
-    arguments are those of ``RetryPolicy``.
+    ``queue`` is a directory path or an ``IMailQueue``. ``workers`` threads
+    deliver in parallel, each over its own connection (the mailer keeps one
+    per thread). ``clock`` returns Unix time (tests move it). The other
+    keyword arguments are those of ``RetryPolicy``.
     """
 
-    def __init__(self, queue, mailer, clock=time.time, **retry_settings):
+    def __init__(self, queue, mailer, workers=1, clock=time.time, **retry_settings):
+        if int(workers) < 1:
+            raise ValueError(f"workers must be at least 1, not {workers!r}")
         self.queue = queue if IMailQueue.providedBy(queue) else MaildirQueue(queue)
         self.mailer = mailer
+        self.workers = int(workers)
         self.retry_policy = RetryPolicy(**retry_settings)
         self._clock = clock
+        self._stopping = threading.Event()
+        self._listener = None
+        self._in_flight = set()
+        self._lock = threading.Lock()
 
     def __repr__(self):
-        return f"<QueueProcessor {self.queue!r} via {self.mailer!r}>"
+        return f"<QueueProcessor {self.queue!r} via {self.mailer!r}, {self.workers} worker(s)>"
+
+    # -- modes ---------------------------------------------------------------
 
     def run_once(self):
-        """See ``IMailQueueProcessor.run_once``."""
+        """See ``IMailQueueProcessor.run_once``.
+
+        ``stop()`` from another thread (or a signal handler) makes it return
+        once the messages in hand are settled.
+        """
+        self._stopping.clear()
+        return self._run_pass()
+
+    def _run_pass(self):
         summary = RunSummary()
         housekeeping = self.queue.cleanup(self._clock())
         if any(housekeeping.values()):
             log.info("queue housekeeping: %s", housekeeping)
-        for queue_id in self.queue.due(self._clock()):
-            try:
-                claim = self.queue.claim(queue_id, self._clock())
-            except QueueFileError as exc:
-                log.error("skipping unreadable queue entry %s: %s", queue_id, exc)
-                summary.failed += 1
-                continue
-            if claim is None:
-                continue  # another processor has it
-            outcome = self._process(claim)
-            setattr(summary, outcome, getattr(summary, outcome) + 1)
+        due = iter(list(self.queue.due(self._clock())))
+        with self._keeping_claims_alive():
+            if self.workers == 1:
+                self._work(due, summary)
+            else:
+                threads = [
+                    threading.Thread(target=self._work, args=(due, summary), name=f"mailspool-worker-{number}")
+                    for number in range(self.workers)
+                ]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
         if summary.sent or summary.deferred or summary.failed:
             log.info("queue run finished: %s", summary)
         return summary
+
+    def run_forever(self, poll_interval=DEFAULT_POLL_INTERVAL):
+        """Run until ``stop()``: drain the queue, then sleep until a commit or ``poll_interval``.
+
+        A commit in this process, or in another process on this host, wakes
+        the loop within milliseconds (``IMailQueue.announce``); the poll is
+        the safety net (other hosts, scheduled and deferred messages).
+        """
+        self._stopping.clear()
+        try:
+            self._listener = self.queue.listener()
+        except OSError as exc:
+            log.warning("cannot listen for new mail in %r (%s); polling every %gs", self.queue, exc, poll_interval)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    self._run_pass()
+                except Exception:
+                    log.exception("queue run failed; trying again in %gs", poll_interval)
+                if self._stopping.is_set():
+                    break
+                if self._listener is not None:
+                    self._listener.wait(poll_interval)
+                else:
+                    self._stopping.wait(poll_interval)
+        finally:
+            listener, self._listener = self._listener, None
+            if listener is not None:
+                listener.close()
+
+    def stop(self):
+        """Ask ``run_once``/``run_forever`` to return after the messages in hand. Never raises."""
+        self._stopping.set()
+        listener = self._listener
+        if listener is not None:
+            listener.wake()
+
+    # -- one worker ------------------------------------------------------------
+
+    def _work(self, due, summary):
+        """Claim and deliver ids from the shared ``due`` iterator until it is empty."""
+        try:
+            while not self._stopping.is_set():
+                with self._lock:
+                    queue_id = next(due, None)
+                if queue_id is None:
+                    return
+                outcome = self._claim_and_process(queue_id)
+                with self._lock:
+                    setattr(summary, outcome, getattr(summary, outcome) + 1)
+        finally:
+            close = getattr(self.mailer, "close", None)
+            if close is not None:
+                close()  # this thread's connection, where the mailer keeps one
+
+    def _claim_and_process(self, queue_id):
+        try:
+            claim = self.queue.claim(queue_id, self._clock())
+        except QueueFileError as exc:
+            log.error("unreadable queue entry %s moved to failed: %s", queue_id, exc)
+            return "failed"
+        if claim is None:
+            return "skipped"  # another processor has it, or it is no longer due
+        with self._lock:
+            self._in_flight.add(claim)
+        try:
+            return self._process(claim)
+        finally:
+            with self._lock:
+                self._in_flight.discard(claim)
+
+    @contextlib.contextmanager
+    def _keeping_claims_alive(self):
+        """Renew the claims in hand while they are being sent (a 25 MB message takes a while)."""
+        done = threading.Event()
+
+        def renew_periodically():
+            while not done.wait(self.queue.claim_renewal_interval):
+                with self._lock:
+                    claims = list(self._in_flight)
+                for claim in claims:
+                    try:
+                        self.queue.renew(claim)
+                    except OSError:
+                        pass  # settled meanwhile
+
+        renewer = threading.Thread(target=renew_periodically, name="mailspool-claim-renewal", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            done.set()
+            renewer.join()
 
     def _process(self, claim):
         """Attempt one claimed message and settle it; return 'sent', 'deferred' or 'failed'."""
@@ -126,56 +254,93 @@ class QueueProcessor:
             return self._attempt(claim)
         except Exception as exc:
             log.exception("unexpected error delivering %s (%s); moving it to failed/", message_id, claim.queue_id)
-            self.queue.fail(claim, Attempt(at=self._clock(), error=f"unexpected error: {type(exc).__name__}: {exc}"))
+            attempt = Attempt(at=self._clock(), error=f"unexpected error: {type(exc).__name__}: {exc}")
+            self.queue.fail(claim, attempt)
+            deliverylog.record_attempt(claim, attempt, "failed", len(claim.attempts) + 1)
             return "failed"
 
     def _attempt(self, claim):
         envelope = claim.envelope
         recipients = recipients_left(envelope, claim.attempts)
         now = self._clock()
-        server = getattr(self.mailer, "server", "")
         try:
             # zope.sendmail-style mailers return None for "all accepted".
             refused = self.mailer.send(envelope.sender, recipients, claim.read()) or {}
         except TransientDeliveryError as exc:
-            attempt = Attempt(at=now, server=exc.server or server, refused=exc.refused, error=str(exc))
+            attempt = Attempt(at=now, server=exc.server or self._server(), refused=exc.refused, error=str(exc))
             return self._retry_later(claim, attempt)
         except PermanentDeliveryError as exc:
-            attempt = Attempt(at=now, server=exc.server or server, refused=exc.refused, error=str(exc))
-            self.queue.fail(claim, attempt)
-            log.error("%s failed permanently: %s", envelope.message_id, exc)
-            return "failed"
+            attempt = Attempt(at=now, server=exc.server or self._server(), refused=exc.refused, error=str(exc))
+            return self._give_up(claim, attempt)
         accepted = tuple(rcpt for rcpt in recipients if rcpt not in refused)
-        attempt = Attempt(at=now, server=server, accepted=accepted, refused=dict(refused))
+        attempt = Attempt(at=now, server=self._server(), accepted=accepted, refused=dict(refused))
         if accepted:
-            log.info("sent %s (%s) to %d recipient(s) via %s", envelope.message_id, claim.queue_id, len(accepted), server)
+            log.info("sent %s (%s) to %d recipient(s) via %s",
+                     envelope.message_id, claim.queue_id, len(accepted), attempt.server)
         history = [*claim.attempts, attempt]
         if recipients_left(envelope, history):
             return self._retry_later(claim, attempt)
         refused_for_good = _refused_for_good(history)
         if refused_for_good:
             reason = "refused for good: " + "; ".join(f"{rcpt}: {reply}" for rcpt, reply in refused_for_good.items())
-            self.queue.fail(claim, dataclasses.replace(attempt, error=reason))
-            log.error("%s %s", envelope.message_id, reason)
-            return "failed"
+            return self._give_up(claim, dataclasses.replace(attempt, error=reason))
         self.queue.complete(claim)
+        deliverylog.record_attempt(claim, attempt, "sent", len(history))
         return "sent"
+
+    def _server(self):
+        return getattr(self.mailer, "server", "")
+
+    def _give_up(self, claim, attempt):
+        self.queue.fail(claim, attempt)
+        log.error("%s moved to failed/: %s", claim.envelope.message_id, attempt.error)
+        deliverylog.record_attempt(claim, attempt, "failed", len(claim.attempts) + 1)
+        return "failed"
 
     def _retry_later(self, claim, attempt):
         envelope = claim.envelope
-        failures = _consecutive_failures(claim.attempts) + 1
-        if self.retry_policy.gives_up(envelope, failures, attempt.at):
-            reason = f"gave up after {failures} attempt(s): {attempt.error or 'recipients still refused'}"
-            self.queue.fail(claim, dataclasses.replace(attempt, error=reason))
-            log.error("%s moved to failed/: %s", envelope.message_id, reason)
-            return "failed"
-        until = attempt.at + self.retry_policy.delay(failures)
+        failures = _consecutive_failures(claim.attempts) + (0 if attempt.accepted else 1)
+        if self.retry_policy.gives_up(envelope, max(failures, 1), attempt.at):
+            reason = f"gave up after {len(claim.attempts) + 1} attempt(s): {attempt.error or _refusals(attempt)}"
+            return self._give_up(claim, dataclasses.replace(attempt, error=reason))
+        until = attempt.at + self.retry_policy.delay(max(failures, 1))
         self.queue.defer(claim, attempt, until)
         log.warning(
             "%s deferred until %s: %s", envelope.message_id,
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until)), attempt.error or "some recipients deferred",
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until)), attempt.error or _refusals(attempt),
         )
+        deliverylog.record_attempt(claim, attempt, "partial" if attempt.accepted else "deferred",
+                                   len(claim.attempts) + 1)
         return "deferred"
+
+
+class QueueProcessorThread(threading.Thread):
+    """A processor running in the application's own process (small deployments, development).
+
+    Wakes within milliseconds of a commit made through a delivery on the
+    same queue, polls every ``poll_interval`` seconds as a safety net.
+    Keyword arguments other than ``poll_interval`` go to ``QueueProcessor``.
+    ``stop()`` returns once the messages in hand are settled.
+    """
+
+    def __init__(self, queue, mailer, poll_interval=DEFAULT_POLL_INTERVAL, **processor_options):
+        super().__init__(name="mailspool-processor", daemon=True)
+        self.processor = QueueProcessor(queue, mailer, **processor_options)
+        self.poll_interval = poll_interval
+
+    def run(self):
+        log.info("queue processor thread started for %r", self.processor.queue)
+        self.processor.run_forever(self.poll_interval)
+        log.info("queue processor thread stopped")
+
+    def stop(self, timeout=None):
+        """Stop the loop and wait (up to ``timeout`` seconds) for the thread to end."""
+        self.processor.stop()
+        self.join(timeout)
+
+
+def _refusals(attempt):
+    return "; ".join(f"{rcpt}: {reply}" for rcpt, reply in attempt.refused.items()) or "no reason given"
 
 
 def _refused_for_good(attempts):

@@ -1,5 +1,6 @@
 """MaildirQueue on real files: names, claims, settling, poison entries and housekeeping."""
 
+import fcntl
 import os
 import re
 import threading
@@ -103,7 +104,7 @@ def test_a_deferred_message_is_due_at_its_time_and_keeps_its_attempts(queue):
     assert claim.attempts == [attempt]
     assert claim.read() == DATA
     # Deferring moved the same file: the message bytes were not rewritten.
-    assert os.stat(os.path.join(queue.path, "active", queue_id)).st_ino == before
+    assert os.stat(claim.path).st_ino == before
 
 
 def test_fail_keeps_the_message_and_the_reason(queue):
@@ -165,3 +166,59 @@ def test_dot_files_are_ignored(queue):
         hidden.write(b"x")
     assert list(queue.due()) == []
     assert queue.counts()["ready"] == 0
+
+
+def claim_as_other_host(queue, queue_id, silent_for):
+    """Put a message where a processor on another host sharing the directory would have claimed it."""
+    host_dir = os.path.join(queue.path, "active", "other-host.example")
+    os.makedirs(host_dir, exist_ok=True)
+    path = os.path.join(host_dir, queue_id)
+    os.rename(os.path.join(queue.path, "new", queue_id), path)
+    then = time.time() - silent_for
+    os.utime(path, (then, then))
+    return path
+
+
+def test_a_claim_on_another_host_returns_only_once_it_is_stale(tmp_path):
+    queue = MaildirQueue(tmp_path / "queue", stale_claim_timeout=300)
+    fresh = enqueue(queue, 1)
+    stale = enqueue(queue, 2)
+    claim_as_other_host(queue, fresh, silent_for=10)
+    claim_as_other_host(queue, stale, silent_for=301)
+
+    assert queue.cleanup()["dead_claims_released"] == 1
+    assert list(queue.due()) == [stale]
+    assert queue.counts()["active"] == 1
+
+
+def test_a_locked_claim_is_never_taken_however_old(tmp_path):
+    queue = MaildirQueue(tmp_path / "queue", stale_claim_timeout=300)
+    path = claim_as_other_host(queue, enqueue(queue), silent_for=3600)
+    holder = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        assert queue.cleanup()["dead_claims_released"] == 0
+    finally:
+        os.close(holder)
+    assert queue.cleanup()["dead_claims_released"] == 1
+
+
+def test_renew_moves_the_claims_heartbeat_forward(queue):
+    claim = queue.claim(enqueue(queue))
+    old = time.time() - 1000
+    os.utime(claim.path, (old, old))
+    queue.renew(claim)
+    assert os.stat(claim.path).st_mtime > old + 900
+
+
+def test_a_scheduled_message_waits_in_deferred_until_its_time(queue):
+    not_before = time.time() + 3600
+    envelope = Envelope("shop@example.org", ("a@example.org",), "<later@example.org>", time.time(), not_before)
+    staged = queue.add(envelope, DATA)
+    staged.publish()
+
+    assert queue.counts()["deferred"] == 1
+    assert list(queue.due()) == []
+    assert queue.claim(staged.queue_id) is None
+    claim = queue.claim(staged.queue_id, now=not_before)
+    assert claim.envelope.not_before == not_before
