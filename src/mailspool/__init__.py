@@ -5,16 +5,18 @@ This module only re-exports the public names; each lives in its own module.
 
 from mailspool.delivery import DirectMailDelivery, QueuedMailDelivery
 from mailspool.maildir import MaildirQueue
-from mailspool.mailer import DebugMailer, SMTPMailer
-from mailspool.processor import QueueProcessor, RetryPolicy, RunSummary
+from mailspool.mailer import DebugMailer, SendmailMailer, SMTPMailer
+from mailspool.processor import QueueProcessor, QueueProcessorThread, RetryPolicy, RunSummary
 
 __all__ = [
     "DebugMailer",
     "DirectMailDelivery",
     "MaildirQueue",
     "QueueProcessor",
+    "QueueProcessorThread",
     "QueuedMailDelivery",
     "RetryPolicy",
     "RunSummary",
     "SMTPMailer",
+    "SendmailMailer",
 ]

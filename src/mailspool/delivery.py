@@ -138,6 +138,8 @@ class _DirectOperation:
             log.error("direct delivery of %s failed after commit: %s", message_id, exc, exc_info=True)
             events.notify(events.MailFailedEvent(message_id, self.prepared.recipients, str(exc)))
             return
+        finally:
+            self.abort()  # the commit is over: release the connection vote opened
         accepted = [rcpt for rcpt in self.prepared.recipients if rcpt not in refused]
         log.info("sent %s to %d recipient(s)", message_id, len(accepted))
         events.notify(events.MailSentEvent(message_id, accepted))
@@ -146,7 +148,10 @@ class _DirectOperation:
             events.notify(events.MailFailedEvent(message_id, [recipient], str(reply)))
 
     def abort(self):
-        self.mailer.abort()
+        try:
+            self.mailer.abort()
+        except Exception:
+            log.exception("%r failed to abort", self.mailer)
 
 
 @implementer(IDirectMailDelivery)

@@ -15,6 +15,10 @@ import select
 import socket
 import stat
 
+from zope.interface import implementer
+
+from mailspool.interfaces import IQueueListener
+
 log = logging.getLogger(__name__)
 
 _numbers = itertools.count()
@@ -48,6 +52,7 @@ def ring(directory):
             os.close(fd)
 
 
+@implementer(IQueueListener)
 class Listener:
     """One processor's FIFO. See ``IQueueListener``.
 

@@ -99,6 +99,10 @@ class IMailer(Interface):
     def abort():
         """Release whatever ``vote`` kept. Must never raise."""
 
+    # Optional: a mailer may also offer ``session()``, a context manager
+    # during which it keeps its connection open between sends of the same
+    # thread (SMTPMailer does; the queue processor uses it when present).
+
 
 class ISMTPMailer(IMailer):
     """A mailer that relays through one SMTP server."""

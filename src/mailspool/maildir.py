@@ -297,13 +297,12 @@ class MaildirQueue:
         return ClaimedFile(self, queue_id, target, fd, envelope, data_offset, attempts)
 
     def _rename_into_claims(self, source, target):
+        """Rename; FileNotFoundError means ``source`` is gone (this host's directory is made on demand)."""
         try:
             os.rename(source, target)
         except FileNotFoundError:
-            if os.path.isdir(self._claim_dir):
-                raise
             try:
-                os.mkdir(self._claim_dir, 0o700)  # this host's first claim
+                os.mkdir(self._claim_dir, 0o700)  # maybe this host's first claim
             except FileExistsError:
                 pass
             os.rename(source, target)

@@ -1,38 +1,73 @@
-"""Mailers: SMTPMailer speaks SMTP through smtplib; DebugMailer records instead of sending.
+"""Mailers: SMTPMailer speaks SMTP through smtplib; SendmailMailer pipes to sendmail; DebugMailer records.
 
-The mailer is the only part of mailspool that reads SMTP reply codes. It
-turns them into the outcomes of ``IMailer.send``: a mapping of refused
-recipients, a ``TransientDeliveryError`` or a ``PermanentDeliveryError``.
+A mailer is the only part of mailspool that reads SMTP reply codes or
+exit statuses. It turns them into the outcomes of ``IMailer.send``: a
+mapping of refused recipients, a ``TransientDeliveryError`` or a
+``PermanentDeliveryError``.
 """
 
+import contextlib
 import logging
+import os
 import smtplib
-import socket
 import ssl
+import subprocess
 import threading
+import time
 
 from zope.interface import implementer
 
 from mailspool.exceptions import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from mailspool.interfaces import IMailer, ISMTPMailer
 from mailspool.reply import SMTPReply
+from mailspool.transcript import TranscriptSMTP, TranscriptSMTP_SSL
 
 log = logging.getLogger(__name__)
 
 TLS_MODES = ("starttls", "ssl", "opportunistic", "none")
 
 
+class _ConnectionLost(Exception):
+    """A reused connection failed its RSET: it was closed while idle, before any message."""
+
+
+def parse_host(text, default_port):
+    """``'host'``, ``'host:port'`` or ``'[v6]:port'`` -> ``(host, port)``; ValueError naming ``text``."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, ""
+    if not host:
+        raise ValueError(f"no host name in {text!r}")
+    try:
+        return host, int(port) if port else int(default_port)
+    except ValueError:
+        raise ValueError(f"bad port in {text!r}") from None
+
+
 @implementer(ISMTPMailer)
 class SMTPMailer:
-    """Deliver through one SMTP server. See ``ISMTPMailer``.
+    """Deliver through an SMTP server, reusing one connection per thread. See ``ISMTPMailer``.
 
     ``tls`` is ``'starttls'`` (the default: STARTTLS is required, so a
-    server that does not offer it is an error, not a plain-text fallback),
-    ``'ssl'`` (implicit TLS, usually port 465), ``'opportunistic'``
-    (STARTTLS when offered) or ``'none'``. Certificates are verified against
-    the system's trust store, or ``ca_file``, unless ``verify=False``.
+    server that does not offer it is an error, never a plain-text
+    fallback), ``'ssl'`` (implicit TLS, usually port 465),
+    ``'opportunistic'`` (STARTTLS when offered) or ``'none'``. Certificates
+    are verified against the system's trust store, or ``ca_file``, unless
+    ``verify=False``.
 
-    Raises ``ValueError`` for a ``tls`` value it does not know.
+    ``fallback_hosts`` (``'host[:port]'`` strings) are tried in order when
+    the servers before them cannot be reached. A connection is reused for
+    the next message of the same thread (with RSET between messages) until
+    it has been idle ``idle_timeout`` seconds, carried
+    ``max_messages_per_connection`` messages, or failed.
+
+    Raises ``ValueError`` naming the option for a bad ``tls`` value, a bad
+    host, or a password without a username.
     """
 
     def __init__(
@@ -46,6 +81,9 @@ class SMTPMailer:
         ca_file=None,
         verify=True,
         local_hostname=None,
+        fallback_hosts=(),
+        idle_timeout=30.0,
+        max_messages_per_connection=100,
     ):
         if tls not in TLS_MODES:
             raise ValueError(f"tls must be one of {', '.join(TLS_MODES)}, not {tls!r}")
@@ -53,6 +91,7 @@ class SMTPMailer:
             raise ValueError("a password was given without a username")
         self.hostname = host
         self.port = int(port)
+        self.servers = [(host, self.port)] + [parse_host(entry, self.port) for entry in fallback_hosts]
         self.username = username
         self._password = password  # never logged, never in repr
         self.tls = tls
@@ -60,74 +99,153 @@ class SMTPMailer:
         self.ca_file = ca_file
         self.verify = verify
         self.local_hostname = local_hostname
-        # vote() opens a connection that the send() of the same commit
-        # reuses; commits run in one thread, so the spare is per thread.
-        self._voted = threading.local()
+        self.idle_timeout = float(idle_timeout)
+        self.max_messages_per_connection = int(max_messages_per_connection)
+        # Each thread has its own connection: workers send in parallel, and
+        # a commit's vote and send (same thread) share one.
+        self._local = threading.local()
 
     def __repr__(self):
-        return f"<SMTPMailer {self.server} tls={self.tls}>"
+        return f"<SMTPMailer {_server_name(*self.servers[0])} tls={self.tls}>"
 
     @property
     def server(self):
-        return f"{self.hostname}:{self.port}"
+        """``host:port`` of the server this thread last talked to (the first one before that)."""
+        return getattr(self._local, "server", None) or _server_name(*self.servers[0])
 
     # -- IMailer -------------------------------------------------------------
 
     def send(self, fromaddr, toaddrs, message):
-        """See ``IMailer.send``."""
-        connection = self._take_voted_connection() or self._connect()
-        try:
-            return self._transact(connection, fromaddr, toaddrs, message, send_data=True)
-        finally:
-            _quit_quietly(connection)
+        """See ``IMailer.send``.
+
+        Raises ``PermanentDeliveryError`` without sending anything when the
+        message exceeds the SIZE the server announced, or needs SMTPUTF8 and
+        the server does not offer it.
+        """
+        return self._with_connection(lambda connection: self._transact(connection, fromaddr, toaddrs, message, True))
 
     def vote(self, fromaddr, toaddrs, message):
-        """See ``IMailer.vote``: connect, and check the sender and every recipient.
+        """See ``IMailer.vote``: connect, and check the size, the sender and every recipient.
 
-        Raises ``DeliveryError`` when the server cannot be reached or refuses
-        the sender or any recipient. Keeps the connection for ``send``.
+        Raises a ``DeliveryError`` when the server cannot be reached or
+        would refuse the message or any recipient (the connection is then
+        closed). Otherwise keeps the connection for this thread's ``send``.
         """
-        connection = self._connect()
-        try:
-            refused = self._transact(connection, fromaddr, toaddrs, message, send_data=False)
+        def check(connection):
+            refused = self._transact(connection, fromaddr, toaddrs, message, False)
             if refused:
-                details = "; ".join(f"{rcpt}: {reply}" for rcpt, reply in refused.items())
-                raise PermanentDeliveryError(f"{self.server} refused recipients: {details}", server=self.server)
-            connection.rset()
-        except BaseException:
-            _quit_quietly(connection)
-            raise
-        self.abort()
-        self._voted.connection = connection
+                raise _refusal_error(f"{self.server} refused recipients", refused, self.server)
+
+        self._with_connection(check, hold_for_send=True)
 
     def abort(self):
-        """See ``IMailer.abort``."""
-        connection = self._take_voted_connection()
+        """See ``IMailer.abort``: close the connection ``vote`` kept, if any."""
+        if not getattr(self._local, "sessions", 0):
+            self.close()
+
+    @contextlib.contextmanager
+    def session(self):
+        """Keep this thread's connection open between sends until the block ends (then QUIT).
+
+        Outside a session each ``send`` (or ``vote`` and its ``send``) uses a
+        connection of its own. The queue processor wraps each worker's run
+        in a session, so one connection carries many messages.
+        """
+        self._local.sessions = getattr(self._local, "sessions", 0) + 1
+        try:
+            yield self
+        finally:
+            self._local.sessions -= 1
+            if not self._local.sessions:
+                self.close()
+
+    def close(self):
+        """Close this thread's connection politely (QUIT). Never raises; idempotent."""
+        connection = getattr(self._local, "connection", None)
+        self._local.connection = None
         if connection is not None:
             _quit_quietly(connection)
 
-    def _take_voted_connection(self):
-        connection = getattr(self._voted, "connection", None)
-        self._voted.connection = None
-        return connection
+    # -- connections -----------------------------------------------------------
 
-    # -- the SMTP conversation -----------------------------------------------
+    def _with_connection(self, use, hold_for_send=False):
+        """Run ``use(connection)`` on this thread's connection (reused when alive), then keep or close it."""
+        connection, reused = self._connection()
+        if reused:
+            try:
+                _reset(connection)
+            except _ConnectionLost:  # closed by the server while idle: nothing was sent on it
+                self._drop()
+                connection, reused = self._connection()
+        keep = hold_for_send or getattr(self._local, "sessions", 0) > 0
+        try:
+            result = use(connection)
+        except DeliveryError as exc:
+            if not exc.refused and (exc.reply is None or exc.reply.code == 421):
+                self._drop()  # the connection is broken or the server is closing it
+            elif not keep or hold_for_send:
+                self.close()
+            raise
+        except BaseException:
+            self._drop()
+            raise
+        self._local.messages += 1
+        self._local.last_used = time.monotonic()
+        if not keep or self._local.messages >= self.max_messages_per_connection:
+            self.close()
+        return result
 
-    def _connect(self):
-        """Open, secure and authenticate a connection; raise DeliveryError on failure."""
+    def _connection(self):
+        """This thread's open connection and whether it was reused; connects when needed."""
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            if time.monotonic() - self._local.last_used <= self.idle_timeout:
+                return connection, True
+            self.close()
+        connection = self._connect_to_first_available()
+        self._local.connection = connection
+        self._local.messages = 0
+        self._local.last_used = time.monotonic()
+        return connection, False
+
+    def _drop(self):
+        """Forget this thread's connection without QUIT (it is broken)."""
+        connection = getattr(self._local, "connection", None)
+        self._local.connection = None
+        if connection is not None:
+            connection.close()
+
+    def _connect_to_first_available(self):
+        errors = []
+        for host, port in self.servers:
+            self._local.server = _server_name(host, port)
+            try:
+                return self._connect(host, port)
+            except TransientDeliveryError as exc:
+                errors.append(exc)
+                if len(self.servers) > 1:
+                    log.warning("%s; trying the next server", exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise TransientDeliveryError(
+            "no server could be reached: " + "; ".join(str(error) for error in errors), server=self.server
+        )
+
+    def _connect(self, host, port):
+        """Open, secure and authenticate one connection; raise DeliveryError on failure."""
+        server = _server_name(host, port)
+        if self.tls == "ssl":
+            connection = TranscriptSMTP_SSL(local_hostname=self.local_hostname, timeout=self.timeout,
+                                            context=self._tls_context())
+        else:
+            connection = TranscriptSMTP(local_hostname=self.local_hostname, timeout=self.timeout)
+        connection._transcript_server = server
+        connection._host = host  # smtplib sets it only in __init__; TLS checks the certificate against it
         try:
-            if self.tls == "ssl":
-                connection = smtplib.SMTP_SSL(
-                    self.hostname, self.port, local_hostname=self.local_hostname,
-                    timeout=self.timeout, context=self._tls_context(),
-                )
-            else:
-                connection = smtplib.SMTP(
-                    self.hostname, self.port, local_hostname=self.local_hostname, timeout=self.timeout
-                )
-        except (OSError, smtplib.SMTPException) as exc:
-            raise self._error(exc, "cannot connect") from exc
-        try:
+            code, text = connection.connect(host, port)
+            if code != 220:
+                raise _reply_error(SMTPReply.from_smtplib(code, text), f"{server} greeted with an error",
+                                   server, transient=True)
             connection.ehlo_or_helo_if_needed()
             if self.tls in ("starttls", "opportunistic"):
                 if connection.has_extn("starttls"):
@@ -135,9 +253,9 @@ class SMTPMailer:
                     connection.ehlo()
                 elif self.tls == "starttls":
                     raise TransientDeliveryError(
-                        f"{self.server} does not offer STARTTLS, which tls='starttls' requires "
+                        f"{server} does not offer STARTTLS, which tls='starttls' requires "
                         "(use tls='opportunistic' or 'none' only on a trusted network)",
-                        server=self.server,
+                        server=server,
                     )
             if self.username is not None:
                 connection.login(self.username, self._password or "")
@@ -146,14 +264,14 @@ class SMTPMailer:
             raise
         except smtplib.SMTPAuthenticationError as exc:
             _quit_quietly(connection)
+            reply = SMTPReply.from_smtplib(exc.smtp_code, exc.smtp_error)
             # A configuration problem, not the message's: keep it queued.
             raise TransientDeliveryError(
-                f"{self.server} refused the login of {self.username!r}: {SMTPReply.from_smtplib(exc.smtp_code, exc.smtp_error)}",
-                reply=SMTPReply.from_smtplib(exc.smtp_code, exc.smtp_error), server=self.server,
+                f"{server} refused the login of {self.username!r}: {reply}", reply=reply, server=server
             ) from exc
         except (OSError, smtplib.SMTPException) as exc:
             _quit_quietly(connection)
-            raise self._error(exc, "cannot set up the session") from exc
+            raise _network_error(exc, f"{server}: cannot connect", server, self.timeout) from exc
         return connection
 
     def _tls_context(self):
@@ -163,75 +281,115 @@ class SMTPMailer:
             context.verify_mode = ssl.CERT_NONE
         return context
 
-    def _transact(self, connection, fromaddr, toaddrs, message, send_data):
-        """One mail transaction: MAIL, RCPT for each recipient, and DATA if ``send_data``.
+    # -- one mail transaction ------------------------------------------------------
 
-        Returns the refused recipients; raises DeliveryError when nobody can
-        get the message.
+    def _transact(self, connection, fromaddr, toaddrs, message, send_data):
+        """MAIL, RCPT for each recipient, and DATA if ``send_data``; return the refused recipients.
+
+        Raises DeliveryError when nobody can get the message.
         """
+        server = self.server
+        options = self._mail_options(connection, fromaddr, toaddrs, message)
         try:
-            options = self._mail_options(connection, fromaddr, toaddrs, message)
             reply = SMTPReply.from_smtplib(*connection.mail(fromaddr, options))
             if reply.code != 250:
-                raise self._reply_error(reply, f"refused sender {fromaddr!r}")
+                raise _reply_error(reply, f"{server} refused sender {fromaddr!r}", server)
             refused = {}
             for recipient in toaddrs:
                 reply = SMTPReply.from_smtplib(*connection.rcpt(recipient))
+                if reply.code == 421:
+                    raise _reply_error(reply, f"{server} is closing the connection", server)
                 if reply.code not in (250, 251):
                     refused[recipient] = reply
             if len(refused) == len(toaddrs):
-                _reset_quietly(connection)
-                details = "; ".join(f"{rcpt}: {reply}" for rcpt, reply in refused.items())
-                error_class = (
-                    PermanentDeliveryError
-                    if all(reply.is_permanent for reply in refused.values())
-                    else TransientDeliveryError
-                )
-                raise error_class(
-                    f"{self.server} refused every recipient: {details}", server=self.server, refused=refused
-                )
+                _reset(connection)
+                raise _refusal_error(f"{server} refused every recipient", refused, server)
             if send_data:
                 reply = SMTPReply.from_smtplib(*connection.data(message))
                 if reply.code != 250:
-                    raise self._reply_error(reply, "refused the message")
+                    raise _reply_error(reply, f"{server} refused the message", server)
             return refused
         except DeliveryError:
             raise
         except smtplib.SMTPResponseException as exc:
-            raise self._reply_error(SMTPReply.from_smtplib(exc.smtp_code, exc.smtp_error), "refused the message") from exc
+            reply = SMTPReply.from_smtplib(exc.smtp_code, exc.smtp_error)
+            raise _reply_error(reply, f"{server} refused the message", server) from exc
         except (OSError, smtplib.SMTPException) as exc:
-            raise self._error(exc, "connection failed while sending") from exc
+            raise _network_error(exc, f"{server}: connection failed while sending", server, self.timeout) from exc
 
     def _mail_options(self, connection, fromaddr, toaddrs, message):
-        """ESMTP parameters for MAIL FROM: SMTPUTF8, SIZE and BODY (RFC 6531, 1870, 6152)."""
+        """ESMTP parameters for MAIL FROM: SMTPUTF8, SIZE and BODY (RFC 6531, 1870, 6152).
+
+        Raises PermanentDeliveryError when the message cannot be sent to this
+        server at all (too large, or SMTPUTF8 needed but not offered).
+        """
+        server = self.server
         options = []
-        needs_utf8 = not all(address.isascii() for address in (fromaddr, *toaddrs))
-        if needs_utf8:
+        if not all(address.isascii() for address in (fromaddr, *toaddrs)):
             if not connection.has_extn("smtputf8"):
                 raise PermanentDeliveryError(
-                    f"{self.server} does not support SMTPUTF8, which the non-ASCII addresses "
-                    f"of this message need",
-                    server=self.server,
+                    f"{server} does not support SMTPUTF8, which the non-ASCII addresses of this message need",
+                    server=server,
                 )
             options.append("SMTPUTF8")
         if connection.has_extn("size"):
+            limit = _size_limit(connection)
+            if limit and len(message) > limit:
+                raise PermanentDeliveryError(
+                    f"{server} accepts messages up to {limit} bytes (SIZE); this one has {len(message)}",
+                    server=server,
+                )
             options.append(f"SIZE={len(message)}")
         if connection.has_extn("8bitmime") and not message.isascii():
             options.append("BODY=8BITMIME")
         return options
 
-    def _reply_error(self, reply, what):
-        error_class = PermanentDeliveryError if reply.is_permanent else TransientDeliveryError
-        return error_class(f"{self.server} {what}: {reply}", reply=reply, server=self.server)
 
-    def _error(self, exc, what):
-        """Translate a network or protocol failure without a usable reply; always transient."""
-        if isinstance(exc, smtplib.SMTPResponseException):
-            return self._reply_error(SMTPReply.from_smtplib(exc.smtp_code, exc.smtp_error), what)
+def _server_name(host, port):
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _size_limit(connection):
+    try:
+        return int(connection.esmtp_features.get("size", "").split()[0])
+    except (ValueError, IndexError):
+        return 0  # SIZE without a number: no fixed limit (RFC 1870)
+
+
+def _reply_error(reply, what, server, transient=False):
+    error_class = PermanentDeliveryError if reply.is_permanent and not transient else TransientDeliveryError
+    return error_class(f"{what}: {reply}", reply=reply, server=server)
+
+
+def _refusal_error(what, refused, server):
+    """Every refusal permanent -> PermanentDeliveryError, else Transient; ``refused`` attached."""
+    details = "; ".join(f"{rcpt}: {reply}" for rcpt, reply in refused.items())
+    permanent = all(reply.is_permanent for reply in refused.values())
+    error_class = PermanentDeliveryError if permanent else TransientDeliveryError
+    return error_class(f"{what}: {details}", server=server, refused=refused)
+
+
+def _network_error(exc, what, server, timeout):
+    """A failure without a usable reply (or an error reply during setup); always transient."""
+    if isinstance(exc, smtplib.SMTPResponseException):
+        reply = SMTPReply.from_smtplib(exc.smtp_code, exc.smtp_error)
+        return TransientDeliveryError(f"{what}: {reply}", reply=reply, server=server)
+    causes = (exc, exc.__cause__, exc.__context__)
+    if any(isinstance(cause, TimeoutError) for cause in causes):
+        detail = f"timed out after {timeout:g}s"
+    else:
         detail = str(exc) or type(exc).__name__
-        if isinstance(exc, socket.timeout):
-            detail = f"timed out after {self.timeout:g}s"
-        return TransientDeliveryError(f"{self.server} {what}: {detail}", server=self.server)
+    return TransientDeliveryError(f"{what}: {detail}", server=server)
+
+
+def _reset(connection):
+    """RSET before reusing a connection; a dead connection shows up here, before any message."""
+    try:
+        code, _ = connection.rset()
+    except (OSError, smtplib.SMTPException):
+        raise _ConnectionLost() from None
+    if code != 250:
+        raise _ConnectionLost()
 
 
 def _quit_quietly(connection):
@@ -241,11 +399,76 @@ def _quit_quietly(connection):
         connection.close()
 
 
-def _reset_quietly(connection):
-    try:
-        connection.rset()
-    except (OSError, smtplib.SMTPException):
-        pass
+# sendmail(8) exit codes (sysexits.h) that mean "try again later"; any
+# other failure is permanent for the message.
+_TEMPORARY_EXIT_CODES = {
+    69: "service unavailable",
+    70: "internal software error",
+    71: "system error",
+    72: "critical OS file missing",
+    73: "cannot create output file",
+    74: "input/output error",
+    75: "temporary failure",
+    78: "configuration error",
+}
+
+
+@implementer(IMailer)
+class SendmailMailer:
+    """Deliver by piping each message to a sendmail-compatible program. See ``IMailer``.
+
+    Runs ``sendmail_path -i -f SENDER -- RECIPIENT...`` with the message on
+    standard input, with LF line endings (the local submission convention;
+    the program restores CRLF on the wire). Exit status 0 is success; the
+    ``EX_TEMPFAIL`` family (69-75, 78) is a ``TransientDeliveryError``;
+    others, such as ``EX_NOUSER`` (67), a ``PermanentDeliveryError``. A
+    missing program or a timeout is transient (fix the setup, mail waits).
+    The program accepts or refuses the whole message, so ``send`` returns
+    ``{}`` or raises.
+    """
+
+    def __init__(self, sendmail_path="/usr/sbin/sendmail", timeout=60.0):
+        self.sendmail_path = sendmail_path
+        self.timeout = float(timeout)
+
+    def __repr__(self):
+        return f"<SendmailMailer {self.sendmail_path}>"
+
+    @property
+    def server(self):
+        return f"sendmail:{self.sendmail_path}"
+
+    def send(self, fromaddr, toaddrs, message):
+        """See ``IMailer.send``."""
+        command = [self.sendmail_path, "-i", "-f", fromaddr or "<>", "--", *toaddrs]
+        try:
+            result = subprocess.run(command, input=message.replace(b"\r\n", b"\n"), capture_output=True,
+                                    timeout=self.timeout, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise TransientDeliveryError(f"{self.server} timed out after {self.timeout:g}s",
+                                         server=self.server) from exc
+        except OSError as exc:
+            raise TransientDeliveryError(f"{self.server} cannot be run: {exc.strerror}",
+                                         server=self.server) from exc
+        if result.returncode == 0:
+            return {}
+        output = (result.stderr or result.stdout).decode("utf-8", "replace").strip().splitlines()
+        detail = output[-1] if output else "no output"
+        status = result.returncode
+        if status < 0:
+            raise TransientDeliveryError(f"{self.server} was killed by signal {-status}", server=self.server)
+        meaning = _TEMPORARY_EXIT_CODES.get(status)
+        if meaning is not None:
+            raise TransientDeliveryError(f"{self.server} exited {status} ({meaning}): {detail}", server=self.server)
+        raise PermanentDeliveryError(f"{self.server} exited {status}: {detail}", server=self.server)
+
+    def vote(self, fromaddr, toaddrs, message):
+        """See ``IMailer.vote``: the program must exist and be executable."""
+        if not os.access(self.sendmail_path, os.X_OK):
+            raise TransientDeliveryError(f"{self.server} is not an executable program", server=self.server)
+
+    def abort(self):
+        """See ``IMailer.abort``. Holds nothing."""
 
 
 @implementer(IMailer)

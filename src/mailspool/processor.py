@@ -194,7 +194,9 @@ class QueueProcessor:
 
     def _work(self, due, summary):
         """Claim and deliver ids from the shared ``due`` iterator until it is empty."""
-        try:
+        # One connection per worker for the whole run, where the mailer can.
+        session = getattr(self.mailer, "session", contextlib.nullcontext)
+        with session():
             while not self._stopping.is_set():
                 with self._lock:
                     queue_id = next(due, None)
@@ -203,10 +205,6 @@ class QueueProcessor:
                 outcome = self._claim_and_process(queue_id)
                 with self._lock:
                     setattr(summary, outcome, getattr(summary, outcome) + 1)
-        finally:
-            close = getattr(self.mailer, "close", None)
-            if close is not None:
-                close()  # this thread's connection, where the mailer keeps one
 
     def _claim_and_process(self, queue_id):
         try:

@@ -45,7 +45,9 @@ class SMTPSink:
 
     Use as a context manager, or call ``start()`` and ``stop()``. ``handler``
     replaces the recording handler (any aiosmtpd handler); ``server_options``
-    go to aiosmtpd's SMTP class (for example ``enable_SMTPUTF8=True``).
+    go to aiosmtpd's ``Controller``, which passes those it does not use
+    itself (``ssl_context``) on to its SMTP class (``enable_SMTPUTF8``,
+    ``tls_context``, ``authenticator``, ``data_size_limit`` ...).
     """
 
     def __init__(self, port=None, handler=None, **server_options):

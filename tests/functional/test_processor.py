@@ -1,9 +1,7 @@
 """QueueProcessor outcomes against a real, scripted SMTP server."""
 
 import os
-import time
 
-import pytest
 
 from mailspool import QueuedMailDelivery, QueueProcessor, SMTPMailer
 from mailspool.envelope import Attempt
@@ -11,24 +9,6 @@ from mailspool.processor import RetryPolicy
 from mailspool.sink import free_port
 
 MESSAGE = b"From: shop@example.org\r\nSubject: Hi\r\n\r\nHello.\r\n"
-
-
-class Clock:
-    """A clock the test moves forward, so retries become due without waiting."""
-
-    def __init__(self):
-        self.now = time.time()
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
-
-
-@pytest.fixture
-def clock():
-    return Clock()
 
 
 def commit(queue_path, manager, recipients, message=MESSAGE):

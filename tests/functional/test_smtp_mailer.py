@@ -442,3 +442,49 @@ def test_lines_starting_with_a_dot_arrive_intact(serve):
 
     (received,) = handler.received
     assert received.data == message
+
+
+# -- transcript ------------------------------------------------------------------
+
+
+def test_transcript_logs_the_dialog_without_credentials_or_body(serve, server_tls, ca_file, caplog):
+    caplog.set_level(logging.DEBUG, logger="mailspool.transcript")
+    handler = Recorder()
+    sink = auth_server(serve, server_tls, handler)
+    mailer = mailer_for(sink, tls="starttls", ca_file=ca_file, username=USERNAME, password=PASSWORD)
+
+    mailer.send(SENDER, [ALICE], make_message())
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "mailspool.transcript"]
+    dialog = "\n".join(lines)
+    server = f"127.0.0.1:{sink.port}"
+    assert all(line.startswith(server + " ") for line in lines)
+    assert f"{server} S: 220 " in dialog
+    assert f"{server} C: STARTTLS" in dialog
+    assert f"{server} C: AUTH PLAIN <credentials redacted>" in dialog
+    assert f"{server} S: 235 " in dialog
+    assert f"{server} C: mail FROM:<{SENDER}>" in dialog
+    assert f"{server} C: <message data, {len(make_message()) + 3} bytes>" in dialog
+    assert f"{server} S: 250 " in dialog
+    plain_blob = base64.b64encode(f"\0{USERNAME}\0{PASSWORD}".encode()).decode()
+    for secret in (PASSWORD, plain_blob, "your parcel is on its way"):
+        assert secret not in dialog
+
+
+def test_transcript_redacts_auth_login_exchanges(serve, server_tls, ca_file, caplog):
+    caplog.set_level(logging.DEBUG, logger="mailspool.transcript")
+    handler = Recorder()
+    sink = serve(handler, tls_context=server_tls, require_starttls=True, authenticator=check_credentials,
+                 auth_required=True, auth_require_tls=True, auth_exclude_mechanism=["PLAIN"])
+    mailer = mailer_for(sink, tls="starttls", ca_file=ca_file, username=USERNAME, password=PASSWORD)
+
+    mailer.send(SENDER, [ALICE], make_message())
+
+    dialog = "\n".join(r.getMessage() for r in caplog.records if r.name == "mailspool.transcript")
+    assert "C: AUTH LOGIN <credentials redacted>" in dialog
+    assert "S: 334 " in dialog
+    assert "C: <credentials redacted>" in dialog
+    for secret in (PASSWORD, base64.b64encode(PASSWORD.encode()).decode(),
+                   base64.b64encode(USERNAME.encode()).decode()):
+        assert secret not in dialog
+    assert len(handler.received) == 1

@@ -5,7 +5,10 @@ import transaction
 from transaction.interfaces import ISavepointDataManager
 from zope.interface.verify import verifyClass, verifyObject
 
-from mailspool import DebugMailer, DirectMailDelivery, MaildirQueue, QueuedMailDelivery, QueueProcessor, SMTPMailer
+from mailspool import (
+    DebugMailer, DirectMailDelivery, QueuedMailDelivery, QueueProcessor, QueueProcessorThread, SendmailMailer,
+    SMTPMailer,
+)
 from mailspool import interfaces
 from mailspool.datamanager import MailDataManager
 from mailspool.envelope import Envelope
@@ -24,6 +27,10 @@ def test_direct_delivery():
 
 def test_smtp_mailer():
     assert verifyObject(interfaces.ISMTPMailer, SMTPMailer("127.0.0.1", 2525, tls="none"))
+
+
+def test_sendmail_mailer():
+    assert verifyObject(interfaces.IMailer, SendmailMailer("/usr/sbin/sendmail"))
 
 
 def test_debug_mailer():
@@ -47,6 +54,15 @@ def test_staged_and_claimed_files(queue):
 
 def test_queue_processor(queue):
     assert verifyObject(interfaces.IMailQueueProcessor, QueueProcessor(queue, DebugMailer()))
+    assert verifyObject(interfaces.IMailQueueProcessor, QueueProcessorThread(queue, DebugMailer()).processor)
+
+
+def test_queue_listener(queue):
+    listener = queue.listener()
+    try:
+        assert verifyObject(interfaces.IQueueListener, listener)
+    finally:
+        listener.close()
 
 
 def test_data_manager():
