@@ -1,5 +1,6 @@
 """Fixtures shared by every test: queues in temporary directories, explicit managers, real SMTP servers."""
 
+import asyncio
 import time
 
 import pytest
@@ -62,7 +63,8 @@ class ScriptedHandler:
     a final reply. A 421 reply closes the connection after it is sent, as
     RFC 5321 says. With ``close_after_accepting`` the server closes the
     connection after each accepted message (an idle timeout or a
-    per-connection limit). Accepted messages land in ``received`` as
+    per-connection limit). ``data_delay`` seconds pass before each DATA
+    reply (a slow server). Accepted messages land in ``received`` as
     (sender, accepted recipients, bytes); ``connections`` counts EHLOs,
     ``mails`` MAIL commands, ``data_attempts`` DATA commands.
     """
@@ -71,9 +73,11 @@ class ScriptedHandler:
         self.rcpt_replies = {}
         self.data_replies = []
         self.close_after_accepting = False
+        self.data_delay = 0.0
         self.received = []
         self.connections = 0
         self.mails = 0
+        self.mail_options = []
         self.data_attempts = 0
         self.closed_by_server = 0
 
@@ -84,6 +88,7 @@ class ScriptedHandler:
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         self.mails += 1
+        self.mail_options.append(list(mail_options))
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
@@ -97,6 +102,8 @@ class ScriptedHandler:
 
     async def handle_DATA(self, server, session, envelope):
         self.data_attempts += 1
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         reply = self.data_replies.pop(0) if self.data_replies else None
         if reply == DROP:
             server.transport.abort()  # gone before the final reply: the client cannot know

@@ -129,3 +129,37 @@ def test_claims_of_a_killed_processor_return_to_the_queue_at_once(queue_path):
 
     assert queue.cleanup()["dead_claims_released"] == 3
     assert queue.counts() == {"ready": 3, "active": 0, "deferred": 0, "failed": 0}
+
+
+DELIVERING_PROCESSOR = textwrap.dedent("""
+    import sys
+    from mailspool import QueueProcessor, SMTPMailer
+    QueueProcessor(sys.argv[1], SMTPMailer("127.0.0.1", int(sys.argv[2]), tls="none")).run_once()
+""")
+
+
+def test_a_processor_killed_mid_run_loses_nothing(scripted_server, queue_path, manager):
+    from mailspool import QueuedMailDelivery, QueueProcessor, SMTPMailer
+
+    delivery = QueuedMailDelivery(queue_path, transaction_manager=manager)
+    with manager:
+        for number in range(20):
+            delivery.send("shop@example.org", ["a@example.org"],
+                          MESSAGE.replace(b"<crash@", b"<%d@" % number))
+    scripted_server.handler.data_delay = 0.05
+    child = subprocess.Popen([sys.executable, "-c", DELIVERING_PROCESSOR, str(queue_path),
+                              str(scripted_server.port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while len(scripted_server.handler.received) < 5 and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.01)
+    kill(child)
+    delivered_before_kill = len(scripted_server.handler.received)
+    assert 5 <= delivered_before_kill < 20
+
+    scripted_server.handler.data_delay = 0
+    QueueProcessor(queue_path, SMTPMailer(scripted_server.host, scripted_server.port, tls="none")).run_once()
+
+    ids = [data.split(b"Message-Id: ")[1].split(b"\r\n")[0] for _, _, data in scripted_server.handler.received]
+    assert len(set(ids)) == 20
+    assert len(ids) - len(set(ids)) <= 1  # only a kill between the final 250 and the unlink duplicates
+    assert MaildirQueue(queue_path).counts() == {"ready": 0, "active": 0, "deferred": 0, "failed": 0}

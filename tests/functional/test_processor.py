@@ -170,3 +170,32 @@ def test_jitter_only_shortens_the_delay():
     delays = {policy.delay(3) for _ in range(200)}
     assert all(216 <= delay <= 240 for delay in delays)
     assert len(delays) > 1
+
+
+def test_451_twice_then_accepted(scripted_server, queue_path, manager, clock):
+    scripted_server.handler.data_replies = ["451 4.3.0 busy", "451 4.3.0 still busy"]
+    commit(queue_path, manager, ["a@example.org"])
+    processor = processor_for(scripted_server, queue_path, clock)
+
+    outcomes = []
+    for _ in range(3):
+        summary = processor.run_once()
+        outcomes.append((summary.sent, summary.deferred))
+        clock.advance(3600)
+
+    assert outcomes == [(0, 1), (0, 1), (1, 0)]
+    assert len(scripted_server.handler.received) == 1
+
+
+def test_8bit_and_utf8_messages_announce_8bitmime_and_smtputf8(scripted_server, queue_path, manager, clock):
+    commit(queue_path, manager, ["a@example.org"], "Subject: Grüße\r\n\r\nSchöne Grüße\r\n".encode())
+    commit(queue_path, manager, ["zoë@example.org"])
+    commit(queue_path, manager, ["plain@example.org"])
+
+    processor_for(scripted_server, queue_path, clock).run_once()
+
+    options = [" ".join(o) for o in scripted_server.handler.mail_options]
+    assert len(options) == 3
+    assert sum("BODY=8BITMIME" in o for o in options) == 1
+    assert sum("SMTPUTF8" in o for o in options) == 1
+    assert all("SIZE=" in o for o in options)
