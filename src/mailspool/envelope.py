@@ -90,9 +90,11 @@ class Envelope:
 class Attempt:
     """What happened when a processor tried to deliver a message once.
 
-    ``recipients`` maps each recipient the server answered individually to
-    its reply; ``accepted`` lists those that got the message. ``error`` is
-    a one-line reason when the attempt as a whole failed.
+    ``refused`` maps each recipient the server refused individually to its
+    reply; ``accepted`` lists those that got the message. ``error`` is a
+    one-line reason when the attempt as a whole failed. A record with
+    ``requeued`` set is not an attempt but an operator's retry: recipients
+    refused for good before it are tried again, with a fresh back-off.
     """
 
     at: float
@@ -100,6 +102,7 @@ class Attempt:
     accepted: tuple = ()
     refused: dict = dataclasses.field(default_factory=dict)
     error: str = ""
+    requeued: bool = False
 
     def to_line(self):
         """Return the attempt as one line of JSON (bytes, newline-terminated)."""
@@ -110,6 +113,8 @@ class Attempt:
             "refused": {rcpt: list(reply) for rcpt, reply in self.refused.items()},
             "error": self.error,
         }
+        if self.requeued:
+            record["requeued"] = True
         return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
 
     @classmethod
@@ -122,4 +127,42 @@ class Attempt:
             accepted=tuple(record.get("accepted", ())),
             refused={rcpt: SMTPReply(int(code), str(text)) for rcpt, (code, text) in record.get("refused", {}).items()},
             error=str(record.get("error", "")),
+            requeued=bool(record.get("requeued", False)),
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueEntry:
+    """One message as inspection sees it (``IMailQueue.entries``), whatever the storage.
+
+    ``envelope`` is None when the entry cannot be read; ``problem`` then
+    says why. ``due_at`` is when a deferred or scheduled message is due.
+    ``size`` is the size of the stored message in bytes.
+    """
+
+    queue_id: str
+    state: str
+    envelope: Envelope = None
+    attempts: tuple = ()
+    due_at: float = None
+    size: int = 0
+    problem: str = ""
+
+    @property
+    def scheduled(self):
+        """Deferred before any attempt: sent later on purpose."""
+        return self.state == "deferred" and not any(not a.requeued for a in self.attempts)
+
+    @property
+    def delivery_attempts(self):
+        """The attempts proper (operator requeues are not attempts)."""
+        return [attempt for attempt in self.attempts if not attempt.requeued]
+
+    @property
+    def last_reply(self):
+        """The last attempt's error or refusals, in one line; "" before any attempt."""
+        attempts = self.delivery_attempts
+        if not attempts:
+            return ""
+        last = attempts[-1]
+        return last.error or "; ".join(f"{rcpt}: {reply}" for rcpt, reply in last.refused.items())

@@ -8,6 +8,7 @@
     │   ├── NoRecipients                     empty recipient list
     │   ├── InvalidAddress                   CR, LF or NUL in an address, or empty
     │   └── HeaderInjection                  CR/LF/NUL where a header must be one line
+    ├── ConfigError (ValueError)             a setting is unknown or has a bad value
     ├── TransactionNotBegun (RuntimeError)   explicit manager, no ``begin()`` yet
     ├── QueueError (OSError)                 the queue directory cannot be used
     │   └── QueueFileError                   one queue file cannot be read or parsed
@@ -44,6 +45,20 @@ class InvalidAddress(InvalidMessage):
 
 class HeaderInjection(InvalidMessage):
     """A header value contains CR, LF or NUL where it must stay one line."""
+
+
+class ConfigError(MailspoolError, ValueError):
+    """A setting is unknown, has a bad value, or the configuration cannot be read.
+
+    The message names the key and where it came from (file and line,
+    "command line", or the settings key). ``key`` and ``path`` are set when
+    known. The ``mailspool`` command exits with 78 (EX_CONFIG) for it.
+    """
+
+    def __init__(self, message, key=None, path=None):
+        super().__init__(message)
+        self.key = key
+        self.path = path
 
 
 class TransactionNotBegun(MailspoolError, transaction.interfaces.NoTransaction, RuntimeError):

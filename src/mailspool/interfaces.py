@@ -220,6 +220,39 @@ class IMailQueue(Interface):
     def counts():
         """Return ``{state: number}`` for every state, cheaply (no message is parsed)."""
 
+    def entries(states=None):
+        """Iterate a ``mailspool.envelope.QueueEntry`` per message in ``states`` (default: all).
+
+        States are ``ready``, ``active``, ``deferred``, ``held`` and
+        ``failed``. Reads envelopes and attempt records, never message
+        bodies. An entry that cannot be read is listed with ``problem`` set.
+        """
+
+    def entry(queue_id):
+        """The QueueEntry of ``queue_id`` in whatever state it is, or None."""
+
+    def read_message(queue_id):
+        """The message bytes of ``queue_id``; ``KeyError`` if there is no such message."""
+
+    def requeue(queue_id, now=None):
+        """Make a failed, deferred or held message ready now; return the state it was in, or None.
+
+        Its attempt history is kept; a failed one gets a requeue record, so
+        recipients refused for good are tried again (those who got it are not).
+        """
+
+    def hold(queue_id):
+        """Set a ready or deferred message aside until ``unhold``; return its former state, or None."""
+
+    def unhold(queue_id):
+        """Make a held message ready; return ``'held'``, or None if it was not held."""
+
+    def delete(queue_id):
+        """Remove a message that is not being delivered, for good; return its former state, or None.
+
+        The only removal besides ``complete``; for operators, who confirm it.
+        """
+
     def announce():
         """Wake processors waiting on this queue: new mail is ready. Must never raise.
 

@@ -8,6 +8,7 @@ Layout (format 1, documented in docs/queue.rst)::
       active/    claimed: active/<host>/ID, by exactly one processor on <host>,
                  which holds a flock on the file and renews its mtime
       deferred/  waiting for a retry or a scheduled time; mtime = time it is due
+      hold/      held by an operator (``mailspool hold``); never tried until released
       failed/    given up; kept with its attempt log until an operator acts
       log/       one attempt log per message id, JSON lines, append-only
       wakeup/    one FIFO per waiting processor on each host (see doorbell.py)
@@ -47,14 +48,14 @@ import time
 from zope.interface import implementer
 
 from mailspool import doorbell
-from mailspool.envelope import Attempt, Envelope
+from mailspool.envelope import Attempt, Envelope, QueueEntry
 from mailspool.exceptions import QueueError, QueueFileError
 from mailspool.interfaces import IClaimedMessage, IMailQueue, IStagedMessage
 
 log = logging.getLogger(__name__)
 
-READY, ACTIVE, DEFERRED, FAILED = "ready", "active", "deferred", "failed"
-STATE_DIRS = {READY: "new", ACTIVE: "active", DEFERRED: "deferred", FAILED: "failed"}
+READY, ACTIVE, DEFERRED, HELD, FAILED = "ready", "active", "deferred", "held", "failed"
+STATE_DIRS = {READY: "new", ACTIVE: "active", DEFERRED: "deferred", HELD: "hold", FAILED: "failed"}
 STAGING_DIR = "tmp"
 LOG_DIR = "log"
 WAKEUP_DIR = "wakeup"
@@ -427,6 +428,122 @@ class MaildirQueue:
             return [entry.name for host_dir in self._claim_host_dirs() for entry in _scan(host_dir.path)]
         return [entry.name for entry in _scan(self._dir(state))]
 
+    # -- inspection and repair (the operator's side) ------------------------------
+
+    def entries(self, states=None):
+        """See ``IMailQueue.entries``. Reads envelopes and attempt logs, never message bodies."""
+        logged = {entry.name for entry in _scan(os.path.join(self.path, LOG_DIR))}
+        for state in states or STATE_DIRS:
+            directories = ([entry.path for entry in self._claim_host_dirs()] if state == ACTIVE
+                           else [self._dir(state)])
+            for directory in directories:
+                for entry in sorted(_scan(directory), key=lambda entry: entry.name):
+                    found = self._entry(entry.path, entry.name, state, entry.name in logged)
+                    if found is not None:
+                        yield found
+
+    def entry(self, queue_id):
+        """See ``IMailQueue.entry``."""
+        for state, path in self._locations(queue_id):
+            found = self._entry(path, queue_id, state, True)
+            if found is not None:
+                return found
+        return None
+
+    def _entry(self, path, queue_id, state, has_log):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return None  # moved on while we looked
+        except OSError as exc:
+            return QueueEntry(queue_id, state, problem=f"cannot open: {exc.strerror}")
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                return QueueEntry(queue_id, state, problem="not a regular file")
+            with os.fdopen(os.dup(fd), "rb") as stream:
+                envelope = Envelope.read_from(stream, queue_id)
+                size = info.st_size - stream.tell()
+        except (QueueFileError, OSError) as exc:
+            return QueueEntry(queue_id, state, problem=str(exc))
+        finally:
+            os.close(fd)
+        attempts = tuple(self._read_attempts(queue_id)) if has_log else ()
+        due_at = info.st_mtime if state == DEFERRED else None
+        return QueueEntry(queue_id, state, envelope, attempts, due_at, size)
+
+    def _locations(self, queue_id):
+        """(state, path) pairs where ``queue_id`` could be; checked by the caller."""
+        if not _is_plain_name(queue_id):
+            return []
+        places = [(state, self._path(STATE_DIRS[state], queue_id)) for state in STATE_DIRS if state != ACTIVE]
+        places += [(ACTIVE, os.path.join(host_dir.path, queue_id)) for host_dir in self._claim_host_dirs()]
+        return places
+
+    def read_message(self, queue_id):
+        """See ``IMailQueue.read_message``."""
+        for _, path in self._locations(queue_id):
+            try:
+                with open(path, "rb") as stream:
+                    Envelope.read_from(stream, queue_id)
+                    return stream.read()
+            except FileNotFoundError:
+                continue
+        raise KeyError(queue_id)
+
+    def requeue(self, queue_id, now=None):
+        """See ``IMailQueue.requeue``: failed, deferred or held -> ready, history kept."""
+        now = time.time() if now is None else now
+        for state in (FAILED, DEFERRED, HELD):
+            source = self._path(STATE_DIRS[state], queue_id)
+            if not _is_plain_name(queue_id) or not os.path.lexists(source):
+                continue
+            if state == FAILED:
+                self._append_attempt(queue_id, Attempt(at=now, error="requeued by an operator", requeued=True))
+            if self._move(source, READY, queue_id):
+                log.info("message %s requeued from %s", queue_id, state)
+                return state
+        return None
+
+    def hold(self, queue_id):
+        """See ``IMailQueue.hold``: ready or deferred -> held."""
+        return self._move_from((READY, DEFERRED), queue_id, HELD)
+
+    def unhold(self, queue_id):
+        """See ``IMailQueue.unhold``: held -> ready."""
+        return self._move_from((HELD,), queue_id, READY)
+
+    def delete(self, queue_id):
+        """See ``IMailQueue.delete``: removes a message that is not being delivered, and its log."""
+        for state in (READY, DEFERRED, HELD, FAILED):
+            path = self._path(STATE_DIRS[state], queue_id)
+            if not _is_plain_name(queue_id):
+                break
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            fsync_directory(self._dir(state))
+            _unlink_quietly(self._path(LOG_DIR, queue_id))
+            log.warning("message %s deleted from %s by an operator", queue_id, state)
+            return state
+        return None
+
+    def _move_from(self, states, queue_id, target_state):
+        for state in states:
+            source = self._path(STATE_DIRS[state], queue_id)
+            if _is_plain_name(queue_id) and self._move(source, target_state, queue_id):
+                return state
+        return None
+
+    def _move(self, source, target_state, queue_id):
+        try:
+            os.rename(source, self._path(STATE_DIRS[target_state], queue_id))
+        except FileNotFoundError:
+            return False
+        fsync_directory(self._dir(target_state))
+        return True
+
     # -- waking processors ----------------------------------------------------
 
     def announce(self):
@@ -443,6 +560,11 @@ class MaildirQueue:
     def counts(self):
         """See ``IMailQueue.counts``."""
         return {state: len(self._names(state)) for state in STATE_DIRS}
+
+
+def _is_plain_name(queue_id):
+    """A queue id names a file inside a state directory, never a path elsewhere."""
+    return bool(queue_id) and "/" not in queue_id and queue_id not in (".", "..") and not queue_id.startswith(".")
 
 
 def _scan(directory):

@@ -79,20 +79,24 @@ class RetryPolicy:
         base = min(self.backoff_max, self.backoff_min * 2 ** min(failures - 1, 62))
         return base * (1 - random.uniform(0, self.jitter))
 
-    def gives_up(self, envelope, failures, now):
-        """True when the message must not be retried again."""
-        too_old = now - envelope.enqueued_at >= self.max_age
+    def gives_up(self, queued_at, failures, now):
+        """True when a message queued (or requeued) at ``queued_at`` must not be retried again."""
+        too_old = now - queued_at >= self.max_age
         too_many = self.max_attempts is not None and failures >= self.max_attempts
         return too_old or too_many
 
 
 def recipients_left(envelope, attempts):
-    """The recipients that neither got the message nor were refused for good in ``attempts``."""
-    settled = set()
+    """The recipients that neither got the message nor were refused for good in ``attempts``.
+
+    An operator's requeue (``Attempt.requeued``) forgets refusals before it;
+    a recipient that got the message never gets it again.
+    """
+    accepted = set()
     for attempt in attempts:
-        settled.update(attempt.accepted)
-        settled.update(rcpt for rcpt, reply in attempt.refused.items() if reply.is_permanent)
-    return [rcpt for rcpt in envelope.recipients if rcpt not in settled]
+        accepted.update(attempt.accepted)
+    refused = set(_refused_for_good(attempts))
+    return [rcpt for rcpt in envelope.recipients if rcpt not in accepted and rcpt not in refused]
 
 
 @implementer(IMailQueueProcessor)
@@ -261,6 +265,10 @@ class QueueProcessor:
         envelope = claim.envelope
         recipients = recipients_left(envelope, claim.attempts)
         now = self._clock()
+        if not recipients:
+            # Everyone was served or refused for good by earlier attempts
+            # (the processor died before settling): settle without sending.
+            return self._settle(claim, Attempt(at=now, error="nothing left to send"), [*claim.attempts])
         try:
             # zope.sendmail-style mailers return None for "all accepted".
             refused = self.mailer.send(envelope.sender, recipients, claim.read()) or {}
@@ -278,6 +286,10 @@ class QueueProcessor:
         history = [*claim.attempts, attempt]
         if recipients_left(envelope, history):
             return self._retry_later(claim, attempt)
+        return self._settle(claim, attempt, history)
+
+    def _settle(self, claim, attempt, history):
+        """Nobody is left to try: complete, or fail if someone was refused for good."""
         refused_for_good = _refused_for_good(history)
         if refused_for_good:
             reason = "refused for good: " + "; ".join(f"{rcpt}: {reply}" for rcpt, reply in refused_for_good.items())
@@ -298,7 +310,7 @@ class QueueProcessor:
     def _retry_later(self, claim, attempt):
         envelope = claim.envelope
         failures = _consecutive_failures(claim.attempts) + (0 if attempt.accepted else 1)
-        if self.retry_policy.gives_up(envelope, max(failures, 1), attempt.at):
+        if self.retry_policy.gives_up(_age_reference(envelope, claim.attempts), max(failures, 1), attempt.at):
             reason = f"gave up after {len(claim.attempts) + 1} attempt(s): {attempt.error or _refusals(attempt)}"
             return self._give_up(claim, dataclasses.replace(attempt, error=reason))
         until = attempt.at + self.retry_policy.delay(max(failures, 1))
@@ -341,18 +353,34 @@ def _refusals(attempt):
     return "; ".join(f"{rcpt}: {reply}" for rcpt, reply in attempt.refused.items()) or "no reason given"
 
 
+def _since_last_requeue(attempts):
+    for index in range(len(attempts) - 1, -1, -1):
+        if attempts[index].requeued:
+            return attempts[index + 1:]
+    return list(attempts)
+
+
 def _refused_for_good(attempts):
-    """Recipients refused with a permanent reply in any of ``attempts``, with that reply."""
+    """Recipients refused with a permanent reply since the last requeue, with that reply."""
     return {
-        rcpt: reply for attempt in attempts for rcpt, reply in attempt.refused.items() if reply.is_permanent
+        rcpt: reply
+        for attempt in _since_last_requeue(attempts)
+        for rcpt, reply in attempt.refused.items()
+        if reply.is_permanent
     }
 
 
 def _consecutive_failures(attempts):
-    """How many attempts in a row, counting back from the last, delivered to nobody new."""
+    """How many attempts in a row, back from the last (and since a requeue), delivered to nobody new."""
     count = 0
-    for attempt in reversed(attempts):
+    for attempt in reversed(_since_last_requeue(attempts)):
         if attempt.accepted:
             break
         count += 1
     return count
+
+
+def _age_reference(envelope, attempts):
+    """Queued time, or the last operator requeue: a retried message gets a new max_age."""
+    requeues = [attempt.at for attempt in attempts if attempt.requeued]
+    return max([envelope.enqueued_at, *requeues])

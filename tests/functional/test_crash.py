@@ -128,7 +128,7 @@ def test_claims_of_a_killed_processor_return_to_the_queue_at_once(queue_path):
     kill(child)
 
     assert queue.cleanup()["dead_claims_released"] == 3
-    assert queue.counts() == {"ready": 3, "active": 0, "deferred": 0, "failed": 0}
+    assert queue.counts() == {"ready": 3, "active": 0, "deferred": 0, "held": 0, "failed": 0}
 
 
 DELIVERING_PROCESSOR = textwrap.dedent("""
@@ -162,4 +162,4 @@ def test_a_processor_killed_mid_run_loses_nothing(scripted_server, queue_path, m
     ids = [data.split(b"Message-Id: ")[1].split(b"\r\n")[0] for _, _, data in scripted_server.handler.received]
     assert len(set(ids)) == 20
     assert len(ids) - len(set(ids)) <= 1  # only a kill between the final 250 and the unlink duplicates
-    assert MaildirQueue(queue_path).counts() == {"ready": 0, "active": 0, "deferred": 0, "failed": 0}
+    assert MaildirQueue(queue_path).counts() == {"ready": 0, "active": 0, "deferred": 0, "held": 0, "failed": 0}

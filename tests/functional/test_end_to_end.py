@@ -42,7 +42,7 @@ def test_committed_message_arrives_byte_identical_without_bcc(queue_path, manage
     assert received.sender == "shop@example.org"
     assert received.recipients == ("alice@example.org", "audit@example.org")
     assert b"Bcc" not in received.data and b"audit@" not in received.data
-    assert delivery.queue.counts() == {"ready": 0, "active": 0, "deferred": 0, "failed": 0}
+    assert delivery.queue.counts() == {"ready": 0, "active": 0, "deferred": 0, "held": 0, "failed": 0}
 
 
 def test_aborted_message_never_reaches_the_server(queue_path, manager, smtp_sink):

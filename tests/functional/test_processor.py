@@ -42,7 +42,7 @@ def test_451_is_deferred_then_delivered_once(scripted_server, queue_path, manage
     second = processor.run_once()
     assert (second.sent, second.deferred, second.failed) == (1, 0, 0)
     assert len(scripted_server.handler.received) == 1
-    assert processor.queue.counts() == {"ready": 0, "active": 0, "deferred": 0, "failed": 0}
+    assert processor.queue.counts() == {"ready": 0, "active": 0, "deferred": 0, "held": 0, "failed": 0}
 
 
 def test_550_goes_to_failed_at_once_with_the_reply_and_is_never_retried(scripted_server, queue_path, manager, clock):
@@ -199,3 +199,18 @@ def test_8bit_and_utf8_messages_announce_8bitmime_and_smtputf8(scripted_server, 
     assert sum("BODY=8BITMIME" in o for o in options) == 1
     assert sum("SMTPUTF8" in o for o in options) == 1
     assert all("SIZE=" in o for o in options)
+
+
+def test_a_requeued_failed_message_is_retried_only_for_the_refused_recipient(scripted_server, queue_path, manager,
+                                                                            clock):
+    scripted_server.handler.rcpt_replies = {"gone@example.org": "550 5.1.1 no such user"}
+    commit(queue_path, manager, ["ok@example.org", "gone@example.org"])
+    processor = processor_for(scripted_server, queue_path, clock)
+    assert processor.run_once().failed == 1
+
+    scripted_server.handler.rcpt_replies = {}  # the operator fixed the mailbox
+    (queue_id,) = os.listdir(queue_path / "failed")
+    assert processor.queue.requeue(queue_id) == "failed"
+    assert processor.run_once().sent == 1
+
+    assert [r[1] for r in scripted_server.handler.received] == [("ok@example.org",), ("gone@example.org",)]

@@ -194,7 +194,7 @@ def test_queue_files_are_private(queue_path, manager):
 
     (name,) = files_in(queue_path, "new")
     assert stat.S_IMODE(os.stat(queue_path / "new" / name).st_mode) == 0o600
-    for subdir in ("", "tmp", "new", "active", "deferred", "failed", "log"):
+    for subdir in ("", "tmp", "new", "active", "deferred", "hold", "failed", "log"):
         assert stat.S_IMODE(os.stat(queue_path / subdir).st_mode) & 0o077 == 0, subdir
 
 

@@ -83,7 +83,7 @@ def test_complete_removes_the_message_and_its_log(queue):
     queue.defer(claim, Attempt(at=time.time(), error="451 later"), until=0)
     claim = queue.claim(claim.queue_id)
     queue.complete(claim)
-    assert queue.counts() == {"ready": 0, "active": 0, "deferred": 0, "failed": 0}
+    assert queue.counts() == {"ready": 0, "active": 0, "deferred": 0, "held": 0, "failed": 0}
     assert os.listdir(os.path.join(queue.path, "log")) == []
 
 
@@ -222,3 +222,72 @@ def test_a_scheduled_message_waits_in_deferred_until_its_time(queue):
     assert queue.claim(staged.queue_id) is None
     claim = queue.claim(staged.queue_id, now=not_before)
     assert claim.envelope.not_before == not_before
+
+
+def test_entries_describe_every_state_without_reading_bodies(queue):
+    ready = enqueue(queue, 1)
+    deferred = queue.claim(enqueue(queue, 2))
+    queue.defer(deferred, Attempt(at=time.time(), error="451 later"), until=time.time() + 600)
+    failed = queue.claim(enqueue(queue, 3))
+    queue.fail(failed, Attempt(at=time.time(), error="550 no"))
+    active = queue.claim(enqueue(queue, 4))
+    with open(os.path.join(queue.path, "new", "9.broken"), "wb") as broken:
+        broken.write(b"garbage")
+
+    by_id = {entry.queue_id: entry for entry in queue.entries()}
+
+    assert by_id[ready].state == "ready" and by_id[ready].envelope.message_id == "<1@example.org>"
+    assert by_id[ready].size == len(DATA)
+    assert by_id[deferred.queue_id].state == "deferred" and by_id[deferred.queue_id].last_reply == "451 later"
+    assert by_id[deferred.queue_id].due_at > time.time() + 500
+    assert not by_id[deferred.queue_id].scheduled
+    assert by_id[failed.queue_id].state == "failed" and by_id[failed.queue_id].last_reply == "550 no"
+    assert by_id[active.queue_id].state == "active"
+    assert "not a mailspool queue file" in by_id["9.broken"].problem
+    assert [e.queue_id for e in queue.entries(["failed"])] == [failed.queue_id]
+    assert queue.entry(failed.queue_id).state == "failed"
+    assert queue.entry("no-such-id") is None
+    assert queue.read_message(ready) == DATA
+
+
+def test_requeue_a_failed_message_keeps_its_history(queue):
+    claim = queue.claim(enqueue(queue))
+    queue.fail(claim, Attempt(at=time.time(), refused={"a@example.org": SMTPReply(550, "no")}, error="550 no"))
+
+    assert queue.requeue(claim.queue_id) == "failed"
+
+    assert list(queue.due()) == [claim.queue_id]
+    attempts = queue.claim(claim.queue_id).attempts
+    assert [a.requeued for a in attempts] == [False, True]
+    assert attempts[0].error == "550 no"
+
+
+def test_hold_and_unhold(queue):
+    queue_id = enqueue(queue)
+    assert queue.hold(queue_id) == "ready"
+    assert list(queue.due()) == [] and queue.claim(queue_id) is None
+    assert queue.counts()["held"] == 1
+    assert queue.hold(queue_id) is None
+    assert queue.unhold(queue_id) == "held"
+    assert list(queue.due()) == [queue_id]
+
+
+def test_delete_removes_the_message_and_its_log_but_never_a_claimed_one(queue):
+    deleted = queue.claim(enqueue(queue, 1))
+    queue.fail(deleted, Attempt(at=time.time(), error="550"))
+    active = queue.claim(enqueue(queue, 2))
+
+    assert queue.delete(deleted.queue_id) == "failed"
+    assert queue.delete(active.queue_id) is None
+    assert queue.entry(deleted.queue_id) is None
+    assert os.listdir(os.path.join(queue.path, "log")) == []
+    assert queue.counts()["active"] == 1
+
+
+@pytest.mark.parametrize("bad_id", ["../new", "", ".", "..", "a/b", ".hidden"])
+def test_operator_actions_refuse_ids_that_are_paths(queue, bad_id):
+    enqueue(queue)
+    assert queue.delete(bad_id) is None
+    assert queue.hold(bad_id) is None
+    assert queue.requeue(bad_id) is None
+    assert queue.entry(bad_id) is None
