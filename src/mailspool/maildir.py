@@ -334,7 +334,6 @@ class MaildirQueue:
         """See ``IMailQueue.fail``."""
         self._append_attempt(claim.queue_id, attempt)
         self._move_claim(claim, FAILED)
-        log.warning("message %s moved to failed/: %s", claim.queue_id, attempt.error or "see its attempt log")
 
     def renew(self, claim):
         """See ``IMailQueue.renew``."""

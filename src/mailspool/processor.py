@@ -16,7 +16,9 @@ Outcomes of one attempt::
     anything else (a bug, a bad file)   -> failed/ with the reason; the run goes on
 
 Three modes share this engine: ``run_once`` (cron), ``run_forever`` (the
-daemon) and ``QueueProcessorThread`` (in-process).
+daemon) and ``QueueProcessorThread`` (in-process). Each attempt is
+reported once, on the delivery log (``mailspool.deliveries``); this
+module's own logger carries only details (DEBUG) and unexpected errors.
 """
 
 import contextlib
@@ -105,11 +107,13 @@ class QueueProcessor:
 
     ``queue`` is a directory path or an ``IMailQueue``. ``workers`` threads
     deliver in parallel, each over its own connection (the mailer keeps one
-    per thread). ``clock`` returns Unix time (tests move it). The other
-    keyword arguments are those of ``RetryPolicy``.
+    per thread). ``clock`` returns Unix time (tests move it).
+    ``progress(summary, total)``, if given, is called after each message
+    of a run (from the worker threads, one at a time). The other keyword
+    arguments are those of ``RetryPolicy``.
     """
 
-    def __init__(self, queue, mailer, workers=1, clock=time.time, **retry_settings):
+    def __init__(self, queue, mailer, workers=1, clock=time.time, progress=None, **retry_settings):
         if int(workers) < 1:
             raise ValueError(f"workers must be at least 1, not {workers!r}")
         self.queue = queue if IMailQueue.providedBy(queue) else MaildirQueue(queue)
@@ -117,6 +121,7 @@ class QueueProcessor:
         self.workers = int(workers)
         self.retry_policy = RetryPolicy(**retry_settings)
         self._clock = clock
+        self._progress = progress
         self._stopping = threading.Event()
         self._listener = None
         self._in_flight = set()
@@ -141,13 +146,15 @@ class QueueProcessor:
         housekeeping = self.queue.cleanup(self._clock())
         if any(housekeeping.values()):
             log.info("queue housekeeping: %s", housekeeping)
-        due = iter(list(self.queue.due(self._clock())))
+        due_ids = list(self.queue.due(self._clock()))
+        due = iter(due_ids)
         with self._keeping_claims_alive():
             if self.workers == 1:
-                self._work(due, summary)
+                self._work(due, summary, len(due_ids))
             else:
                 threads = [
-                    threading.Thread(target=self._work, args=(due, summary), name=f"mailspool-worker-{number}")
+                    threading.Thread(target=self._work, args=(due, summary, len(due_ids)),
+                                     name=f"mailspool-worker-{number}")
                     for number in range(self.workers)
                 ]
                 for thread in threads:
@@ -190,13 +197,17 @@ class QueueProcessor:
     def stop(self):
         """Ask ``run_once``/``run_forever`` to return after the messages in hand. Never raises."""
         self._stopping.set()
+        self.wake()
+
+    def wake(self):
+        """Make a sleeping ``run_forever`` look at the queue now. Never raises; safe in signal handlers."""
         listener = self._listener
         if listener is not None:
             listener.wake()
 
     # -- one worker ------------------------------------------------------------
 
-    def _work(self, due, summary):
+    def _work(self, due, summary, total):
         """Claim and deliver ids from the shared ``due`` iterator until it is empty."""
         # One connection per worker for the whole run, where the mailer can.
         session = getattr(self.mailer, "session", contextlib.nullcontext)
@@ -209,6 +220,8 @@ class QueueProcessor:
                 outcome = self._claim_and_process(queue_id)
                 with self._lock:
                     setattr(summary, outcome, getattr(summary, outcome) + 1)
+                    if self._progress is not None:
+                        self._progress(summary, total)
 
     def _claim_and_process(self, queue_id):
         try:
@@ -281,7 +294,7 @@ class QueueProcessor:
         accepted = tuple(rcpt for rcpt in recipients if rcpt not in refused)
         attempt = Attempt(at=now, server=self._server(), accepted=accepted, refused=dict(refused))
         if accepted:
-            log.info("sent %s (%s) to %d recipient(s) via %s",
+            log.debug("sent %s (%s) to %d recipient(s) via %s",
                      envelope.message_id, claim.queue_id, len(accepted), attempt.server)
         history = [*claim.attempts, attempt]
         if recipients_left(envelope, history):
@@ -303,7 +316,7 @@ class QueueProcessor:
 
     def _give_up(self, claim, attempt):
         self.queue.fail(claim, attempt)
-        log.error("%s moved to failed/: %s", claim.envelope.message_id, attempt.error)
+        log.debug("%s moved to failed/: %s", claim.envelope.message_id, attempt.error)
         deliverylog.record_attempt(claim, attempt, "failed", len(claim.attempts) + 1)
         return "failed"
 
@@ -315,7 +328,7 @@ class QueueProcessor:
             return self._give_up(claim, dataclasses.replace(attempt, error=reason))
         until = attempt.at + self.retry_policy.delay(max(failures, 1))
         self.queue.defer(claim, attempt, until)
-        log.warning(
+        log.debug(
             "%s deferred until %s: %s", envelope.message_id,
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until)), attempt.error or _refusals(attempt),
         )
