@@ -23,6 +23,8 @@ FORMAT_VERSION = 1
 # Envelopes are small; the cap keeps a corrupt file from being read whole
 # into memory while looking for the end of the envelope line.
 MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
+# Read this much at first: envelopes are nearly always far smaller.
+PREFIX_CHUNK = 16 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,28 +56,45 @@ class Envelope:
 
     @classmethod
     def read_from(cls, stream, name):
-        """Read the prefix from a binary ``stream``; return the Envelope.
+        """Read the prefix from a seekable binary ``stream``; return the Envelope.
 
         Leaves the stream positioned at the first byte of the message.
         ``name`` is used in errors. Raises ``QueueFileError`` naming what is
         wrong when the prefix is missing, truncated or not format 1.
         """
-        magic_line = stream.readline(64)
-        if not magic_line.startswith(MAGIC + b" ") or not magic_line.endswith(b"\n"):
+        head = stream.read(PREFIX_CHUNK)
+        while head.count(b"\n") < 2 and len(head) < MAX_ENVELOPE_BYTES:
+            more = stream.read(len(head))
+            if not more:
+                break
+            head += more
+        envelope, offset = cls.from_prefix(head, name)
+        stream.seek(offset)
+        return envelope
+
+    @classmethod
+    def from_prefix(cls, head, name):
+        """Parse the first bytes of a queue file; return ``(envelope, offset of the message)``.
+
+        ``head`` must hold at least the two prefix lines when the file does.
+        Raises ``QueueFileError`` as ``read_from`` does.
+        """
+        magic_end = head.find(b"\n", 0, 64)
+        if magic_end < 0 or not head.startswith(MAGIC + b" "):
             raise QueueFileError(f"{name}: not a mailspool queue file (no {MAGIC.decode()} line)", name)
-        version = magic_line[len(MAGIC) + 1:].strip()
+        version = head[len(MAGIC) + 1:magic_end].strip()
         if version != b"%d" % FORMAT_VERSION:
             raise QueueFileError(
                 f"{name}: queue file format {version.decode('ascii', 'replace')!r} "
                 f"is not supported (this release reads format {FORMAT_VERSION})",
                 name,
             )
-        envelope_line = stream.readline(MAX_ENVELOPE_BYTES)
-        if not envelope_line.endswith(b"\n"):
+        envelope_end = head.find(b"\n", magic_end + 1, magic_end + 1 + MAX_ENVELOPE_BYTES)
+        if envelope_end < 0:
             raise QueueFileError(f"{name}: envelope line is truncated", name)
         try:
-            record = json.loads(envelope_line)
-            return cls(
+            record = json.loads(head[magic_end + 1:envelope_end])
+            envelope = cls(
                 sender=str(record["sender"]),
                 recipients=tuple(str(r) for r in record["recipients"]),
                 message_id=str(record["message_id"]),
@@ -84,6 +103,7 @@ class Envelope:
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise QueueFileError(f"{name}: envelope is not valid: {exc}", name) from exc
+        return envelope, envelope_end + 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,7 +48,7 @@ import time
 from zope.interface import implementer
 
 from mailspool import doorbell
-from mailspool.envelope import Attempt, Envelope, QueueEntry
+from mailspool.envelope import PREFIX_CHUNK, Attempt, Envelope, QueueEntry
 from mailspool.exceptions import QueueError, QueueFileError
 from mailspool.interfaces import IClaimedMessage, IMailQueue, IStagedMessage
 
@@ -363,12 +363,17 @@ class MaildirQueue:
         """Return the attempt records of ``queue_id``; a damaged line is skipped with a warning."""
         path = self._path(LOG_DIR, queue_id)
         try:
-            with open(path, "rb") as stream:
-                lines = stream.readlines()
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             return []
+        try:
+            chunks = []
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
         attempts = []
-        for number, line in enumerate(lines, 1):
+        for number, line in enumerate(b"".join(chunks).splitlines(), 1):
             try:
                 attempts.append(Attempt.from_line(line))
             except (ValueError, KeyError, TypeError):
@@ -460,9 +465,15 @@ class MaildirQueue:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 return QueueEntry(queue_id, state, problem="not a regular file")
-            with os.fdopen(os.dup(fd), "rb") as stream:
-                envelope = Envelope.read_from(stream, queue_id)
-                size = info.st_size - stream.tell()
+            head = os.read(fd, PREFIX_CHUNK)
+            if head.count(b"\n") < 2 and len(head) == PREFIX_CHUNK:  # a very long envelope
+                with os.fdopen(os.dup(fd), "rb") as stream:
+                    stream.seek(0)
+                    envelope = Envelope.read_from(stream, queue_id)
+                    offset = stream.tell()
+            else:
+                envelope, offset = Envelope.from_prefix(head, queue_id)
+            size = info.st_size - offset
         except (QueueFileError, OSError) as exc:
             return QueueEntry(queue_id, state, problem=str(exc))
         finally:
