@@ -5,13 +5,16 @@ This module only re-exports the public names; each lives in its own module.
 
 from mailspool.delivery import DirectMailDelivery, QueuedMailDelivery
 from mailspool.maildir import MaildirQueue
+from mailspool.message import Attachment, Message
 from mailspool.mailer import DebugMailer, SendmailMailer, SMTPMailer
 from mailspool.processor import QueueProcessor, QueueProcessorThread, RetryPolicy, RunSummary
 
 __all__ = [
+    "Attachment",
     "DebugMailer",
     "DirectMailDelivery",
     "MaildirQueue",
+    "Message",
     "QueueProcessor",
     "QueueProcessorThread",
     "QueuedMailDelivery",
