@@ -8,6 +8,7 @@ from mailspool.maildir import MaildirQueue
 from mailspool.message import Attachment, Message
 from mailspool.mailer import DebugMailer, SendmailMailer, SMTPMailer
 from mailspool.processor import QueueProcessor, QueueProcessorThread, RetryPolicy, RunSummary
+from mailspool.pyramid import get_mailer, includeme
 
 __all__ = [
     "Attachment",
@@ -22,4 +23,6 @@ __all__ = [
     "RunSummary",
     "SMTPMailer",
     "SendmailMailer",
+    "get_mailer",
+    "includeme",
 ]

@@ -119,7 +119,11 @@ SETTINGS = {setting.name: setting for setting in [
     Setting("smtp_verify", boolean, True, "verify the server's certificate"),
     Setting("smtp_timeout", duration, 30.0, "seconds allowed per network operation"),
     Setting("smtp_local_hostname", _optional_text, None, "name to give in EHLO"),
+    Setting("smtp_certfile", _optional_text, None, "client certificate to present (PEM)"),
+    Setting("smtp_keyfile", _optional_text, None, "key of the client certificate, if not in smtp_certfile"),
+    Setting("smtp_debug", boolean, False, "log the SMTP dialog (mailspool.transcript at DEBUG)"),
     Setting("sendmail_path", _text, "/usr/sbin/sendmail", "program used when mailer = sendmail"),
+    Setting("sendmail_template", _optional_text, None, "sendmail arguments with {sendmail_app} and {sender}"),
     Setting("workers", _positive_integer, 1, "parallel connections"),
     Setting("max_age", duration, 5 * 86400.0, "give up on a message this old"),
     Setting("max_attempts", _optional_positive_integer, None, "give up after this many attempts"),
@@ -127,6 +131,7 @@ SETTINGS = {setting.name: setting for setting in [
     Setting("backoff_max", duration, 3600.0, "longest retry delay"),
     Setting("stale_claim_timeout", duration, 300.0, "claims from other hosts not renewed this long return"),
     Setting("poll_interval", duration, 30.0, "daemon: look at the queue at least this often"),
+    Setting("processor_thread", boolean, False, "Pyramid: run a queue processor thread in the application"),
     Setting("delivery_log", _optional_text, None, "file for the delivery log (logfmt, one line per attempt)"),
     Setting("log_level", _log_level, "INFO", "DEBUG, INFO, WARNING, ERROR"),
     Setting("default_sender", _optional_text, None, "envelope sender for `mailspool sendmail` without -f"),
@@ -159,16 +164,27 @@ class Settings:
                               f"cannot read {path}: {exc.strerror}", key="smtp_password_file") from exc
 
     def make_mailer(self):
-        """The mailer these settings describe."""
-        from mailspool.mailer import SendmailMailer, SMTPMailer
+        """The mailer these settings describe (``mailer = smtp`` or ``sendmail``)."""
+        return self.make_sendmail_mailer() if self.mailer == "sendmail" else self.make_smtp_mailer()
 
-        if self.mailer == "sendmail":
-            return SendmailMailer(self.sendmail_path, timeout=self.smtp_timeout)
+    def make_smtp_mailer(self):
+        """An SMTPMailer from the ``smtp_*`` settings; ``smtp_debug`` turns the transcript on."""
+        from mailspool.mailer import SMTPMailer
+
+        if self.smtp_debug:
+            logging.getLogger("mailspool.transcript").setLevel(logging.DEBUG)
         return SMTPMailer(
             self.smtp_host, self.smtp_port, username=self.smtp_username, password=self.smtp_password_value(),
             tls=self.smtp_tls, timeout=self.smtp_timeout, ca_file=self.smtp_ca_file, verify=self.smtp_verify,
             local_hostname=self.smtp_local_hostname, fallback_hosts=self.smtp_hosts,
+            certfile=self.smtp_certfile, keyfile=self.smtp_keyfile,
         )
+
+    def make_sendmail_mailer(self):
+        """A SendmailMailer from ``sendmail_path`` and ``sendmail_template``."""
+        from mailspool.mailer import SendmailMailer
+
+        return SendmailMailer(self.sendmail_path, timeout=self.smtp_timeout, template=self.sendmail_template)
 
     def make_queue(self, create=False):
         """The queue these settings name; ConfigError when no queue_path is set."""

@@ -307,3 +307,30 @@ class IMailFailedEvent(IMailEvent):
     """Delivery to ``recipients`` failed; ``reason`` says why, in one line."""
 
     reason = Attribute("Why delivery failed, for people.")
+
+
+class IPyramidMailer(Interface):
+    """pyramid_mailer's mailer API (``request.mailer``), implemented on mailspool's deliveries.
+
+    ``message`` is a ``mailspool.Message`` (or a pyramid_mailer Message):
+    anything with ``sender``, ``send_to`` and ``to_message()``. Bad
+    messages raise ``InvalidMessage`` (a ``ValueError``) from the call.
+    """
+
+    def bind(transaction_manager=None):
+        """Return a mailer like this one, joined to ``transaction_manager``."""
+
+    def send(message):
+        """Send over SMTP when the transaction commits; return the Message-Id."""
+
+    def send_to_queue(message):
+        """Queue the message when the transaction commits; return the Message-Id."""
+
+    def send_sendmail(message):
+        """Pipe the message to sendmail when the transaction commits; return the Message-Id."""
+
+    def send_immediately(message, fail_silently=False):
+        """Send over SMTP now, outside any transaction; return the Message-Id (None if it failed silently)."""
+
+    def send_immediately_sendmail(message, fail_silently=False):
+        """Pipe to sendmail now, outside any transaction; return the Message-Id (None if it failed silently)."""

@@ -58,7 +58,8 @@ class SMTPMailer:
     fallback), ``'ssl'`` (implicit TLS, usually port 465),
     ``'opportunistic'`` (STARTTLS when offered) or ``'none'``. Certificates
     are verified against the system's trust store, or ``ca_file``, unless
-    ``verify=False``.
+    ``verify=False``. ``certfile`` (and ``keyfile``) present a client
+    certificate.
 
     ``fallback_hosts`` (``'host[:port]'`` strings) are tried in order when
     the servers before them cannot be reached. A connection is reused for
@@ -84,6 +85,8 @@ class SMTPMailer:
         fallback_hosts=(),
         idle_timeout=30.0,
         max_messages_per_connection=100,
+        certfile=None,
+        keyfile=None,
     ):
         if tls not in TLS_MODES:
             raise ValueError(f"tls must be one of {', '.join(TLS_MODES)}, not {tls!r}")
@@ -99,6 +102,8 @@ class SMTPMailer:
         self.ca_file = ca_file
         self.verify = verify
         self.local_hostname = local_hostname
+        self.certfile = certfile
+        self.keyfile = keyfile
         self.idle_timeout = float(idle_timeout)
         self.max_messages_per_connection = int(max_messages_per_connection)
         # Each thread has its own connection: workers send in parallel, and
@@ -276,6 +281,8 @@ class SMTPMailer:
 
     def _tls_context(self):
         context = ssl.create_default_context(cafile=self.ca_file)
+        if self.certfile:
+            context.load_cert_chain(self.certfile, self.keyfile)
         if not self.verify:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
@@ -413,12 +420,28 @@ _TEMPORARY_EXIT_CODES = {
 }
 
 
+DEFAULT_SENDMAIL_TEMPLATE = ("{sendmail_app}", "-i", "-f", "{sender}")
+
+
+def _sendmail_template(template):
+    if template is None:
+        return DEFAULT_SENDMAIL_TEMPLATE
+    parts = template.split() if isinstance(template, str) else list(template)
+    if "-t" in parts:
+        log.info("sendmail template: -t dropped; mailspool passes the envelope recipients itself")
+    return tuple(part for part in parts if part != "-t")
+
+
 @implementer(IMailer)
 class SendmailMailer:
     """Deliver by piping each message to a sendmail-compatible program. See ``IMailer``.
 
     Runs ``sendmail_path -i -f SENDER -- RECIPIENT...`` with the message on
-    standard input, with LF line endings (the local submission convention;
+    standard input (``template``, pyramid_mailer's ``sendmail_template``, a
+    list of arguments with ``{sendmail_app}`` and ``{sender}``, changes
+    what comes before ``--``; a ``-t`` in it is dropped, because the
+    envelope recipients are always passed, so Bcc recipients get the
+    message), with LF line endings (the local submission convention;
     the program restores CRLF on the wire). Exit status 0 is success; the
     ``EX_TEMPFAIL`` family (69-75, 78) is a ``TransientDeliveryError``;
     others, such as ``EX_NOUSER`` (67), a ``PermanentDeliveryError``. A
@@ -427,9 +450,10 @@ class SendmailMailer:
     ``{}`` or raises.
     """
 
-    def __init__(self, sendmail_path="/usr/sbin/sendmail", timeout=60.0):
+    def __init__(self, sendmail_path="/usr/sbin/sendmail", timeout=60.0, template=None):
         self.sendmail_path = sendmail_path
         self.timeout = float(timeout)
+        self.template = _sendmail_template(template)
 
     def __repr__(self):
         return f"<SendmailMailer {self.sendmail_path}>"
@@ -440,7 +464,8 @@ class SendmailMailer:
 
     def send(self, fromaddr, toaddrs, message):
         """See ``IMailer.send``."""
-        command = [self.sendmail_path, "-i", "-f", fromaddr or "<>", "--", *toaddrs]
+        arguments = [part.format(sendmail_app=self.sendmail_path, sender=fromaddr or "<>") for part in self.template]
+        command = [*arguments, "--", *toaddrs]
         try:
             result = subprocess.run(command, input=message.replace(b"\r\n", b"\n"), capture_output=True,
                                     timeout=self.timeout, check=False)

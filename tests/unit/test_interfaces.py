@@ -83,3 +83,13 @@ def test_zope_sendmail_names_are_all_there():
                  "IMailQueueProcessor", "IMailQueue"):
         assert getattr(interfaces, name).__doc__, name
     assert verifyClass(interfaces.IMailDelivery, QueuedMailDelivery)
+
+
+def test_pyramid_mailer_and_its_test_double(tmp_path):
+    from mailspool.pyramid import Mailer, settings_from_pyramid
+    from mailspool.testing import DummyMailer
+
+    mailer = Mailer(settings_from_pyramid({"mail.queue_path": str(tmp_path / "q")}))
+    assert verifyObject(interfaces.IPyramidMailer, mailer)
+    assert verifyObject(interfaces.IPyramidMailer, mailer.bind(transaction_manager=transaction.TransactionManager()))
+    assert verifyObject(interfaces.IPyramidMailer, DummyMailer())
