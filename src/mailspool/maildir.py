@@ -45,9 +45,10 @@ import socket
 import stat
 import time
 
+import filelock
 from zope.interface import implementer
 
-from mailspool import doorbell
+from mailspool import doorbell, legacy
 from mailspool.envelope import PREFIX_CHUNK, Attempt, Envelope, QueueEntry
 from mailspool.exceptions import QueueError, QueueFileError
 from mailspool.interfaces import IClaimedMessage, IMailQueue, IStagedMessage
@@ -66,6 +67,9 @@ STALE_STAGING_SECONDS = 24 * 3600
 # A claim on another host whose processor has not renewed it for this long
 # is presumed dead (only consulted where its flock is not held).
 STALE_CLAIM_SECONDS = 300
+# repoze.sendmail's MAX_SEND_TIME: a younger .sending- marker means one of
+# its processors may still be sending that message.
+LEGACY_MAX_SEND_SECONDS = 3 * 3600
 
 _sequence = itertools.count()
 _hostname = "".join(c if c.isalnum() or c in "-." else "_" for c in socket.gethostname())
@@ -177,10 +181,13 @@ class MaildirQueue:
             raise QueueError(f"queue directory {self.path} does not exist", self.path)
         # The queue itself and its subdirectories get 0700; parents we had to
         # create get the umask's default, like `mkdir -p`.
+        # A Maildir written by repoze.sendmail or zope.sendmail (it has new/)
+        # is adopted: our other subdirectories are added to it.
+        adopting = os.path.isdir(os.path.join(self.path, STATE_DIRS[READY]))
         for subdir in [self.path, *(os.path.join(self.path, name) for name in subdirs)]:
             if os.path.isdir(subdir):
                 continue
-            if not create:
+            if not create and not adopting:
                 raise QueueError(f"queue directory {self.path} has no {os.path.basename(subdir)}/ "
                                  "(not a mailspool queue?)", self.path)
             try:
@@ -290,6 +297,10 @@ class MaildirQueue:
                 data_offset = stream.tell()
             attempts = self._read_attempts(queue_id)
         except (QueueFileError, OSError) as exc:
+            if state == READY and _is_legacy_file(fd):
+                # Written by repoze.sendmail/zope.sendmail: cleanup() imports it.
+                self._move_claim(ClaimedFile(self, queue_id, target, fd, None, 0, []), READY)
+                return None
             error = exc if isinstance(exc, QueueFileError) else QueueFileError(
                 f"{source}: cannot read: {exc.strerror}", source)
             self.fail(ClaimedFile(self, queue_id, target, fd, None, 0, []),
@@ -383,9 +394,28 @@ class MaildirQueue:
     # -- maintenance and inspection -----------------------------------------
 
     def cleanup(self, now=None):
-        """See ``IMailQueue.cleanup``."""
+        """See ``IMailQueue.cleanup``.
+
+        Also imports messages left by repoze.sendmail or zope.sendmail (see
+        ``mailspool.legacy``). One process at a time does this (a
+        ``filelock`` on ``.maintenance.lock``); the others skip it.
+        """
         now = time.time() if now is None else now
-        done = {"stale_staging_removed": 0, "dead_claims_released": 0}
+        done = {"stale_staging_removed": 0, "dead_claims_released": 0, "legacy_imported": 0}
+        lock = filelock.FileLock(os.path.join(self.path, ".maintenance.lock"), timeout=0)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            return done  # another processor is doing it right now
+        try:
+            self._remove_stale_staging(now, done)
+            self._release_abandoned_claims(now, done)
+            done["legacy_imported"] = self._import_legacy(now)
+        finally:
+            lock.release()
+        return done
+
+    def _remove_stale_staging(self, now, done):
         for entry in _scan(os.path.join(self.path, STAGING_DIR)):
             try:
                 if now - entry.stat(follow_symlinks=False).st_mtime > STALE_STAGING_SECONDS:
@@ -394,12 +424,80 @@ class MaildirQueue:
                     log.info("removed abandoned staging file %s", entry.path)
             except FileNotFoundError:
                 continue
+
+    def _release_abandoned_claims(self, now, done):
         for host_dir in self._claim_host_dirs():
             this_host = host_dir.name == _hostname
             for entry in _scan(host_dir.path):
                 if self._release_if_abandoned(entry.path, entry.name, this_host, now):
                     done["dead_claims_released"] += 1
-        return done
+
+    # -- repoze.sendmail / zope.sendmail queues ------------------------------------
+
+    def _import_legacy(self, now):
+        """Turn their queue files into ours; return how many were imported. See ``mailspool.legacy``.
+
+        Each file is first renamed to ``tmp/.legacy-NAME`` (so exactly one
+        importer has it and it is never mistaken for an abandoned staging
+        file), converted into a queue file, published, and only then removed.
+        """
+        imported = 0
+        staging = os.path.join(self.path, STAGING_DIR)
+        for pending in _dot_names(staging, ".legacy-"):
+            imported += self._import_pending(os.path.join(staging, pending), pending[len(".legacy-"):], now)
+        for directory in (self._dir(READY), os.path.join(self.path, "cur")):
+            if not os.path.isdir(directory):
+                continue
+            for name in _dot_names(directory, legacy.REJECTED_PREFIX):
+                imported += self._take_legacy(os.path.join(directory, name), name[len(legacy.REJECTED_PREFIX):],
+                                              now, rejected=True)
+            for entry in list(_scan(directory)):
+                sending = os.path.join(directory, legacy.SENDING_PREFIX + entry.name)
+                if _younger_than(sending, LEGACY_MAX_SEND_SECONDS, now):
+                    continue  # an old processor may be sending it right now
+                if directory == self._dir(READY) and not _file_is_legacy(entry.path):
+                    continue
+                imported += self._take_legacy(entry.path, entry.name, now)
+                _unlink_quietly(sending)
+            for name in _dot_names(directory, legacy.SENDING_PREFIX):
+                original = os.path.join(directory, name[len(legacy.SENDING_PREFIX):])
+                if not os.path.lexists(original):
+                    _unlink_quietly(os.path.join(directory, name))  # it was sent; only the marker was left
+        return imported
+
+    def _take_legacy(self, path, name, now, rejected=False):
+        pending = os.path.join(self.path, STAGING_DIR, (".legacy-rejected-" if rejected else ".legacy-") + name)
+        try:
+            os.rename(path, pending)
+        except FileNotFoundError:
+            return 0
+        return self._import_pending(pending, os.path.basename(pending)[len(".legacy-"):], now)
+
+    def _import_pending(self, pending, name, now):
+        rejected = name.startswith("rejected-")
+        try:
+            with open(pending, "rb") as stream:
+                data = stream.read()
+            queued_at = os.stat(pending).st_mtime
+            sender, recipients, message = legacy.convert(data, name)
+        except (OSError, QueueFileError) as exc:
+            log.error("cannot import %s from an old queue: %s; moved to failed/", pending, exc)
+            self._append_attempt(name, Attempt(at=now, error=f"cannot import from repoze/zope.sendmail: {exc}"))
+            os.rename(pending, self._path(STATE_DIRS[FAILED], name))
+            return 0
+        envelope = Envelope(sender, recipients, legacy.message_id(message), queued_at)
+        staged = self.add(envelope, message)
+        if rejected:
+            reason = "refused for good by repoze.sendmail/zope.sendmail before the switch (.rejected- file)"
+            self._append_attempt(staged.queue_id, Attempt(at=now, error=reason))
+            os.rename(staged._staged_path, self._path(STATE_DIRS[FAILED], staged.queue_id))
+            fsync_directory(self._dir(FAILED))
+        else:
+            staged.publish()
+        os.unlink(pending)
+        log.info("imported %s from a repoze.sendmail/zope.sendmail queue as %s%s",
+                 envelope.message_id or name, staged.queue_id, " (failed)" if rejected else "")
+        return 1
 
     def _release_if_abandoned(self, path, queue_id, this_host, now):
         """Return a claim to new/ if its lock is free and it was made here or has gone stale."""
@@ -570,6 +668,41 @@ class MaildirQueue:
     def counts(self):
         """See ``IMailQueue.counts``."""
         return {state: len(self._names(state)) for state in STATE_DIRS}
+
+
+def _dot_names(directory, prefix):
+    """Names in ``directory`` starting with ``prefix`` (dot files, which scans skip)."""
+    try:
+        return [name for name in os.listdir(directory) if name.startswith(prefix)]
+    except FileNotFoundError:
+        return []
+
+
+def _younger_than(path, seconds, now):
+    try:
+        return now - os.lstat(path).st_mtime < seconds
+    except FileNotFoundError:
+        return False
+
+
+def _file_is_legacy(path):
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        return _is_legacy_file(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_legacy_file(fd):
+    """A repoze.sendmail/zope.sendmail message: no MAILSPOOL line, an X-Actually-To header."""
+    try:
+        head = os.pread(fd, PREFIX_CHUNK, 0)
+    except OSError:
+        return False
+    return not head.startswith(b"MAILSPOOL ") and legacy.looks_legacy(head)
 
 
 def _is_plain_name(queue_id):
