@@ -30,7 +30,7 @@ import time
 
 from zope.interface import implementer
 
-from mailspool import deliverylog
+from mailspool import deliverylog, events
 from mailspool.envelope import Attempt
 from mailspool.exceptions import PermanentDeliveryError, QueueFileError, TransientDeliveryError
 from mailspool.interfaces import IMailQueue, IMailQueueProcessor
@@ -295,7 +295,8 @@ class QueueProcessor:
         attempt = Attempt(at=now, server=self._server(), accepted=accepted, refused=dict(refused))
         if accepted:
             log.debug("sent %s (%s) to %d recipient(s) via %s",
-                     envelope.message_id, claim.queue_id, len(accepted), attempt.server)
+                      envelope.message_id, claim.queue_id, len(accepted), attempt.server)
+            events.notify(events.MailSentEvent(envelope.message_id, accepted))
         history = [*claim.attempts, attempt]
         if recipients_left(envelope, history):
             return self._retry_later(claim, attempt)
@@ -318,6 +319,7 @@ class QueueProcessor:
         self.queue.fail(claim, attempt)
         log.debug("%s moved to failed/: %s", claim.envelope.message_id, attempt.error)
         deliverylog.record_attempt(claim, attempt, "failed", len(claim.attempts) + 1)
+        _report_failures(claim, attempt)
         return "failed"
 
     def _retry_later(self, claim, attempt):
@@ -360,6 +362,19 @@ class QueueProcessorThread(threading.Thread):
         """Stop the loop and wait (up to ``timeout`` seconds) for the thread to end."""
         self.processor.stop()
         self.join(timeout)
+
+
+def _report_failures(claim, attempt):
+    """One MailFailedEvent per recipient who will not get the message, with that recipient's reason."""
+    if claim.envelope is None:
+        return
+    history = [*claim.attempts, attempt]
+    served = {rcpt for past in history for rcpt in past.accepted}
+    refused = _refused_for_good(history)
+    for recipient in claim.envelope.recipients:
+        if recipient not in served:
+            reason = str(refused[recipient]) if recipient in refused else attempt.error
+            events.notify(events.MailFailedEvent(claim.envelope.message_id, [recipient], reason))
 
 
 def _refusals(attempt):

@@ -214,3 +214,24 @@ def test_a_requeued_failed_message_is_retried_only_for_the_refused_recipient(scr
     assert processor.run_once().sent == 1
 
     assert [r[1] for r in scripted_server.handler.received] == [("ok@example.org",), ("gone@example.org",)]
+
+
+def test_events_report_who_got_the_message_and_who_never_will(scripted_server, queue_path, manager, clock):
+    import zope.event
+
+    from mailspool.events import MailFailedEvent, MailSentEvent
+
+    seen = []
+    zope.event.subscribers.append(seen.append)
+    try:
+        scripted_server.handler.rcpt_replies = {"gone@example.org": "550 5.1.1 no such user"}
+        message_id = commit(queue_path, manager, ["ok@example.org", "gone@example.org"])
+        processor_for(scripted_server, queue_path, clock).run_once()
+    finally:
+        zope.event.subscribers.remove(seen.append)
+
+    assert [(type(e), e.message_id, e.recipients) for e in seen] == [
+        (MailSentEvent, message_id, ("ok@example.org",)),
+        (MailFailedEvent, message_id, ("gone@example.org",)),
+    ]
+    assert seen[1].reason == "550 5.1.1 no such user"
