@@ -36,6 +36,8 @@ EX_OK, EX_FAILED, EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_TEMPFAIL, EX_CONFIG = 0, 
 NAGIOS_OK, NAGIOS_WARNING, NAGIOS_CRITICAL = 0, 1, 2
 STATES = ("ready", "active", "deferred", "held", "failed")
 PROGRESS_THRESHOLD = 300  # messages; below this a run is over before a counter helps
+SENDMAIL_HELP = ("mailspool sendmail [-t] [-f SENDER] [-F NAME] [-i] [-oi] [-C CONFIG] [RECIPIENT...]; "
+                 "other sendmail flags (-odi, -oem, -B 8BITMIME, ...) are accepted and ignored.")
 
 
 class UsageError(Exception):
@@ -139,8 +141,7 @@ def build_parser():
 
     commands.add_parser(
         "sendmail", help="sendmail-compatible: queue a message read from standard input",
-        description="mailspool sendmail [-t] [-f SENDER] [-F NAME] [-i] [-oi] [-C CONFIG] [RECIPIENT...]; "
-                    "other sendmail flags (-odi, -oem, -B 8BITMIME, ...) are accepted and ignored.",
+        description=SENDMAIL_HELP,
         add_help=False,
     )
 
@@ -580,6 +581,9 @@ def sendmail_main(argv):
     except UsageError as exc:
         print(f"mailspool sendmail: {exc}", file=sys.stderr)
         return EX_USAGE
+    if options["help"]:
+        print(f"usage: {SENDMAIL_HELP}")
+        return EX_OK
     try:
         settings = config.load(options["config"])
         logging.basicConfig(level=settings.log_level, stream=sys.stderr,
@@ -628,13 +632,16 @@ _IGNORED_FLAGS = set("vUmnGsedA")
 def parse_sendmail_arguments(argv):
     """Parse sendmail(8) arguments the way cron daemons, PHP and scripts pass them; UsageError if unknown."""
     options = {"sender": None, "full_name": None, "extract_recipients": False, "ignore_dots": False,
-               "config": None, "recipients": []}
+               "config": None, "recipients": [], "help": False}
     arguments = list(argv)
     while arguments:
         argument = arguments.pop(0)
         if argument == "--":
             options["recipients"] += arguments
             break
+        if argument == "--help":
+            options["help"] = True  # like every other subcommand (not a sendmail(8) flag)
+            continue
         if not argument.startswith("-") or argument == "-":
             options["recipients"].append(argument)
             continue
