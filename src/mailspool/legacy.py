@@ -1,10 +1,13 @@
 """Queue files written by repoze.sendmail and zope.sendmail, read so that switching loses no mail.
 
 Their queue is a Maildir whose messages carry the envelope in two extra
-headers, ``X-Actually-From`` and ``X-Actually-To`` (comma-separated, RFC
-2047-encoded as UTF-8), written with the platform's line endings. Their
-processors mark a message being sent with a hard link ``.sending-NAME``
-and one refused for good with ``.rejected-NAME``, in the same directory.
+header lines: repoze.sendmail writes ``X-Actually-From`` and
+``X-Actually-To`` (comma-separated, RFC 2047-encoded as UTF-8),
+zope.sendmail ``X-Zope-From`` and ``X-Zope-To`` (raw UTF-8, addresses as
+``getaddresses`` reads them) as the first two lines; both with whatever
+line endings the application gave. Their processors mark a message being
+sent with a hard link ``.sending-NAME`` and one refused for good with
+``.rejected-NAME``, in the same directory.
 
 ``convert`` turns such a file into a mailspool envelope and the message
 bytes with those two headers removed and line endings made CRLF; the rest
@@ -12,20 +15,23 @@ of the message is kept byte for byte.
 """
 
 import email.header
+import email.utils
 import re
 
 from mailspool.exceptions import QueueFileError
 
-ENVELOPE_HEADERS = (b"x-actually-from", b"x-actually-to")
+SENDER_HEADERS = (b"x-actually-from", b"x-zope-from")
+RECIPIENT_HEADERS = (b"x-actually-to", b"x-zope-to")
+ENVELOPE_HEADERS = SENDER_HEADERS + RECIPIENT_HEADERS
 SENDING_PREFIX = ".sending-"
 REJECTED_PREFIX = ".rejected-"
 _LINE_ENDING = re.compile(rb"\r\n|\r|\n")
 
 
 def looks_legacy(head):
-    """True when ``head`` (the first bytes of a file) starts a message with an X-Actually-To header."""
-    header_block = _LINE_ENDING.sub(b"\n", head).split(b"\n\n", 1)[0].lower()
-    return b"\nx-actually-to:" in b"\n" + header_block
+    """True when ``head`` (the first bytes of a file) starts a message with an X-Actually-To or X-Zope-To header."""
+    header_block = b"\n" + _LINE_ENDING.sub(b"\n", head).split(b"\n\n", 1)[0].lower()
+    return any(b"\n" + name + b":" in header_block for name in RECIPIENT_HEADERS)
 
 
 def convert(data, name):
@@ -44,13 +50,19 @@ def convert(data, name):
             envelope[name_part] = current
         else:
             kept.append(current)
-    if b"x-actually-to" not in envelope:
-        raise QueueFileError(f"{name}: not a repoze.sendmail/zope.sendmail queue file (no X-Actually-To)", name)
-    sender = _header_text(envelope.get(b"x-actually-from"))
-    recipients = tuple(address.strip() for address in _header_text(envelope[b"x-actually-to"]).split(",")
-                       if address.strip())
+    if b"x-actually-to" in envelope:
+        sender = _header_text(envelope.get(b"x-actually-from"))
+        recipients = tuple(address.strip() for address in _header_text(envelope[b"x-actually-to"]).split(",")
+                           if address.strip())
+    elif b"x-zope-to" in envelope:
+        sender = _header_text(envelope.get(b"x-zope-from"))
+        recipients = tuple(address for _, address in email.utils.getaddresses([_header_text(envelope[b"x-zope-to"])])
+                           if address)
+    else:
+        raise QueueFileError(f"{name}: not a repoze.sendmail/zope.sendmail queue file "
+                             "(no X-Actually-To or X-Zope-To)", name)
     if not recipients:
-        raise QueueFileError(f"{name}: X-Actually-To names no recipient", name)
+        raise QueueFileError(f"{name}: the old queue file names no recipient", name)
     message = b"".join(line + b"\r\n" for field in kept for line in field) + separator + body
     if not message.endswith(b"\r\n"):
         message += b"\r\n"
@@ -61,7 +73,7 @@ def _header_text(lines):
     """The decoded value of a header field given as its raw lines ('' when absent)."""
     if not lines:
         return ""
-    raw = b" ".join(line.strip() for line in lines).partition(b":")[2].strip().decode("ascii", "replace")
+    raw = b" ".join(line.strip() for line in lines).partition(b":")[2].strip().decode("utf-8", "replace")
     parts = []
     for value, charset in email.header.decode_header(raw):
         parts.append(value.decode(charset or "ascii", "replace") if isinstance(value, bytes) else value)

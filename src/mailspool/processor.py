@@ -136,16 +136,22 @@ class QueueProcessor:
         """See ``IMailQueueProcessor.run_once``.
 
         ``stop()`` from another thread (or a signal handler) makes it return
-        once the messages in hand are settled.
+        once the messages in hand are settled; a ``stop()`` that came before
+        the run makes it return at once. Either way the request is used up:
+        the next ``run_once`` runs normally.
         """
-        self._stopping.clear()
-        return self._run_pass()
+        try:
+            return self._run_pass()
+        finally:
+            self._stopping.clear()
 
     def _run_pass(self):
         summary = RunSummary()
         housekeeping = self.queue.cleanup(self._clock())
         if any(housekeeping.values()):
             log.info("queue housekeeping: %s", housekeeping)
+        if self._stopping.is_set():
+            return summary
         due_ids = list(self.queue.due(self._clock()))
         due = iter(due_ids)
         with self._keeping_claims_alive():
@@ -170,9 +176,10 @@ class QueueProcessor:
 
         A commit in this process, or in another process on this host, wakes
         the loop within milliseconds (``IMailQueue.announce``); the poll is
-        the safety net (other hosts, scheduled and deferred messages).
+        the safety net (other hosts, scheduled and deferred messages). A
+        ``stop()`` that came before the call makes it return at once (a
+        signal is never lost in between); the request is then used up.
         """
-        self._stopping.clear()
         try:
             self._listener = self.queue.listener()
         except OSError as exc:
@@ -193,6 +200,7 @@ class QueueProcessor:
             listener, self._listener = self._listener, None
             if listener is not None:
                 listener.close()
+            self._stopping.clear()
 
     def stop(self):
         """Ask ``run_once``/``run_forever`` to return after the messages in hand. Never raises."""
