@@ -33,18 +33,21 @@ def _optional_text(value):
 
 
 def _integer(value):
-    return int(value.strip())
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise ValueError(f"{value.strip()!r} is not a whole number") from None
 
 
 def _port(value):
-    port = int(value.strip())
+    port = _integer(value)
     if not 0 < port < 65536:
         raise ValueError(f"{port} is not a TCP port (1-65535)")
     return port
 
 
 def _positive_integer(value):
-    number = int(value.strip())
+    number = _integer(value)
     if number < 1:
         raise ValueError(f"must be at least 1, not {number}")
     return number
@@ -309,7 +312,14 @@ def from_mapping(mapping, prefix="", source="settings"):
 
 
 def configure_delivery_log(settings):
-    """Attach a file handler for the delivery log when ``delivery_log`` is set; return it or None."""
+    """Attach a file handler for the delivery log when ``delivery_log`` is set; return it or None.
+
+    Calling it again (a reload) replaces the handler it attached before.
+    """
+    logger = logging.getLogger("mailspool.deliveries")
+    for old_handler in [h for h in logger.handlers if getattr(h, "_mailspool_delivery_log", False)]:
+        logger.removeHandler(old_handler)  # a reload replaces it
+        old_handler.close()
     if not settings.delivery_log:
         return None
     try:
@@ -318,7 +328,7 @@ def configure_delivery_log(settings):
         raise ConfigError(f"{settings.sources.get('delivery_log', 'settings')}: cannot open delivery_log "
                           f"{settings.delivery_log}: {exc.strerror}", key="delivery_log") from exc
     handler.setFormatter(logging.Formatter("%(message)s"))
-    logger = logging.getLogger("mailspool.deliveries")
+    handler._mailspool_delivery_log = True
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     return handler

@@ -1,9 +1,10 @@
 """The ``mailspool`` command line; the only module that configures logging.
 
 Exit statuses follow sysexits(3) where one fits: 0 success, 1 a message
-moved to failed (``run``), 64 usage, 65 bad message data, 66 no such
-queue entry, 75 temporary failure (deferred mail, unwritable queue), 78
-configuration error. ``status`` with age thresholds uses the monitoring
+moved to failed (``run``) or an operator action that does not apply to a
+message's state, 64 usage, 65 bad message data, 66 no such queue entry, 75
+temporary failure (deferred mail, unwritable queue), 78 configuration
+error. ``status`` with age thresholds uses the monitoring
 convention 0/1/2 (OK/WARNING/CRITICAL).
 """
 
@@ -44,10 +45,18 @@ class UsageError(Exception):
     """Bad command-line usage: the message is printed and the exit status is 64."""
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, but usage errors exit 64 (EX_USAGE) like every other usage error here."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
 # -- the parser ---------------------------------------------------------------------
 
 def build_parser():
-    common = argparse.ArgumentParser(add_help=False)
+    common = _ArgumentParser(add_help=False)
     common.add_argument("-c", "--config", metavar="FILE",
                         help=f"configuration file (default: ${config.CONFIG_ENVIRONMENT_VARIABLE}, "
                              f"then {config.DEFAULT_CONFIG_PATH})")
@@ -59,11 +68,12 @@ def build_parser():
 
     def queue_argument(subparser):
         subparser.add_argument("queue", nargs="?", metavar="QUEUE", help="queue directory (default: queue_path)")
+        subparser.add_argument("-Q", "--queue", dest="queue_option", metavar="QUEUE", help="the same as QUEUE")
 
     def queue_option(subparser):
         subparser.add_argument("-Q", "--queue", metavar="QUEUE", help="queue directory (default: queue_path)")
 
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="mailspool",
         description="Transactional mail queue: run, inspect and repair a mailspool queue.",
         epilog="Every command takes --help. Exit statuses: see docs/cli.rst.",
@@ -188,7 +198,7 @@ def load_settings(arguments):
         if not equals:
             raise ConfigError(f"command line: -o {item!r} is not KEY=VALUE", key=key)
         overrides[key.strip()] = value
-    queue = getattr(arguments, "queue", None)
+    queue = getattr(arguments, "queue", None) or getattr(arguments, "queue_option", None)
     if queue and arguments.command != "demo":
         overrides["queue_path"] = queue
     if getattr(arguments, "workers", None) is not None:
@@ -202,7 +212,8 @@ def configure_logging(arguments, settings):
         level = "DEBUG"
     elif getattr(arguments, "quiet", False):
         level = "ERROR"
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(level)  # again on SIGHUP, so not through basicConfig
     # aiosmtpd logs every SMTP command at INFO; that is a sink's chatter, not ours.
     logging.getLogger("mail.log").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     config.configure_delivery_log(settings)
@@ -259,40 +270,49 @@ class _signals_stop:
 
 
 def run_daemon(arguments, settings):
-    """Run until SIGTERM/SIGINT; SIGHUP re-reads the configuration, SIGUSR1 rescans the queue now."""
-    reload_requested = False
-    processor = None
+    """Run until SIGTERM/SIGINT; SIGHUP re-reads the configuration, SIGUSR1 rescans the queue now.
+
+    The handlers stay installed for the daemon's whole life, so a SIGTERM
+    during a reload stops it cleanly too.
+    """
+    state = {"processor": None, "reload": False, "stop": False}
 
     def build(current):
         return QueueProcessor(open_queue(current), current.make_mailer(), **current.processor_options())
 
+    def on_stop(signum, frame):
+        log.info("%s received: stopping after the current message", signal.Signals(signum).name)
+        state["stop"] = True
+        state["processor"].stop()
+
     def on_hup(signum, frame):
-        nonlocal reload_requested
         log.info("SIGHUP received: re-reading the configuration after the current message")
-        reload_requested = True
-        processor.stop()
+        state["reload"] = True
+        state["processor"].stop()
 
     def on_usr1(signum, frame):
         log.info("SIGUSR1 received: rescanning the queue")
-        processor.wake()
+        state["processor"].wake()
 
-    processor = build(settings)
-    previous = {signal.SIGHUP: signal.signal(signal.SIGHUP, on_hup),
-                signal.SIGUSR1: signal.signal(signal.SIGUSR1, on_usr1)}
+    state["processor"] = build(settings)
+    handlers = {signal.SIGTERM: on_stop, signal.SIGINT: on_stop, signal.SIGHUP: on_hup, signal.SIGUSR1: on_usr1}
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     try:
-        while True:
+        while not state["stop"]:
             log.info("daemon watching %s (poll every %gs)", settings.queue_path, settings.poll_interval)
-            with _signals_stop(processor):
-                processor.run_forever(settings.poll_interval)
-            if not reload_requested:
+            state["processor"].run_forever(settings.poll_interval)
+            if state["stop"] or not state["reload"]:
                 break
-            reload_requested = False
+            state["reload"] = False
             try:
-                settings = load_settings(arguments)
-                processor = build(settings)
-                log.info("configuration re-read")
+                new_settings = load_settings(arguments)
+                new_processor = build(new_settings)
             except (ConfigError, QueueError) as exc:
                 log.error("configuration not re-read, keeping the old one: %s", exc)
+                continue
+            settings, state["processor"] = new_settings, new_processor
+            configure_logging(arguments, settings)
+            log.info("configuration re-read")
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -439,7 +459,9 @@ def command_list(arguments, settings):
         next_attempt = _iso(entry.due_at) if entry.state == "deferred" else "-"
         write(f"{entry.queue_id}  {state:<9} {_age(now - envelope.enqueued_at):>5} {entry.size:>8}B "
               f"{len(entry.delivery_attempts):>2} tries  next {next_attempt}  <{envelope.sender}> -> "
-              f"{len(envelope.recipients)} rcpt  {entry.last_reply[:80]}\n")
+              f"{len(envelope.recipients)} rcpt\n")
+        if entry.last_reply:
+            write(f"    ({entry.last_reply})\n")  # as mailq does: the reason on its own line
     if count == 0:
         print("queue is empty" if not arguments.state else f"no {'/'.join(arguments.state)} messages")
     return EX_OK
@@ -486,14 +508,20 @@ def command_show(arguments, settings):
 # -- repair -----------------------------------------------------------------------------
 
 def _apply(queue, ids, action, verb):
+    """Run ``action`` on each id; exit 66 for unknown ids, 1 for messages in a state it does not apply to."""
     status = EX_OK
     for queue_id in ids:
         former = action(queue_id)
-        if former is None:
-            print(f"mailspool: {queue_id}: no such message that can be {verb}", file=sys.stderr)
+        if former is not None:
+            print(f"{queue_id}: {verb} (was {former})")
+            continue
+        entry = queue.entry(queue_id)
+        if entry is None:
+            print(f"mailspool: {queue_id}: no such message in {queue.path}", file=sys.stderr)
             status = EX_NOINPUT
         else:
-            print(f"{queue_id}: {verb} (was {former})")
+            print(f"mailspool: {queue_id}: is {entry.state}, so it cannot be {verb}", file=sys.stderr)
+            status = max(status, EX_FAILED) if status != EX_NOINPUT else status
     return status
 
 
@@ -586,8 +614,9 @@ def sendmail_main(argv):
         return EX_OK
     try:
         settings = config.load(options["config"])
-        logging.basicConfig(level=settings.log_level, stream=sys.stderr,
-                            format="mailspool sendmail: %(levelname)s %(message)s")
+        # sendmail(8) is silent when it works: warnings and errors only, unless DEBUG is asked for.
+        level = "DEBUG" if settings.log_level == "DEBUG" else "WARNING"
+        logging.basicConfig(level=level, stream=sys.stderr, format="mailspool sendmail: %(levelname)s %(message)s")
         if not settings.queue_path:
             raise ConfigError("no queue_path in the [mailspool] section of the configuration", key="queue_path")
     except ConfigError as exc:
@@ -606,8 +635,9 @@ def sendmail_main(argv):
         print("mailspool sendmail: no recipients (give them as arguments, or -t)", file=sys.stderr)
         return EX_USAGE
     if "From" not in headers:
-        shown = email.utils.formataddr((options["full_name"] or "", sender)) if sender else "<>"
-        data = b"From: " + shown.encode("utf-8") + b"\n" + data
+        # The null sender cannot be a From address; the local default is the honest author.
+        author = sender or _default_sender(settings)
+        data = b"From: " + email.utils.formataddr((options["full_name"] or "", author)).encode("utf-8") + b"\n" + data
     manager = transaction.TransactionManager(explicit=True)
     try:
         delivery = QueuedMailDelivery(settings.make_queue(create=True), transaction_manager=manager)
@@ -719,5 +749,10 @@ def command_debug_server(arguments, settings):
 
 def command_demo(arguments, settings):
     from mailspool.demo import run_demo  # imports aiosmtpd, which only the demo needs
+    from mailspool.maildir import MaildirQueue
 
+    if arguments.queue and os.path.isdir(arguments.queue):
+        counts = MaildirQueue(arguments.queue).counts()
+        if any(counts.values()):
+            raise UsageError(f"{arguments.queue} already holds messages ({counts}); the demo needs an empty queue")
     return run_demo(queue_path=arguments.queue)

@@ -1088,3 +1088,63 @@ def test_progress_display_on_a_terminal(cli, smtp_sink, queue_path, manager):
     assert len(smtp_sink.received) == PROGRESS_MESSAGES
     assert f"{PROGRESS_MESSAGES}/{PROGRESS_MESSAGES} messages ({PROGRESS_MESSAGES} sent" in shown
     assert "ETA" in shown
+
+
+# -- usability details ----------------------------------------------------------
+
+
+def test_argparse_usage_errors_exit_64_like_the_others(cli, queue_path, manager):
+    commit(queue_path, manager)
+    result = cli("list", "--state", "bogus")
+    assert result.returncode == EX_USAGE, result
+    assert "invalid choice" in result.stderr
+
+
+def test_the_queue_can_be_given_with_an_option_on_every_command(cli, queue_path, manager):
+    commit(queue_path, manager)
+    cli.configure(queue_path="/nonexistent/elsewhere")
+    assert len(cli.json("list", "-Q", queue_path)) == 1
+    assert cli.json("status", "--queue", queue_path)["counts"]["ready"] == 1
+
+
+def test_an_action_on_a_message_in_the_wrong_state_names_the_state(cli, queue_path, manager):
+    commit(queue_path, manager)
+    (queue_id,) = os.listdir(queue_path / "new")
+    result = cli("retry", queue_id)
+    assert result.returncode == 1, result
+    assert f"{queue_id}: is ready, so it cannot be requeued" in result.stderr
+
+
+def test_list_shows_the_whole_last_reply_on_its_own_line(cli, scripted_server, queue_path, manager):
+    long_reply = "450 4.2.1 " + "mailbox temporarily unavailable, " * 4 + "the end"
+    scripted_server.handler.rcpt_replies = {BOB: long_reply}
+    commit(queue_path, manager, recipients=(ALICE, BOB))
+    cli.configure(scripted_server)
+    assert cli("run", "--once").returncode == EX_TEMPFAIL
+
+    lines = cli("list").stdout.splitlines()
+    assert len(lines) == 2
+    assert lines[1].strip() == f"({BOB}: {long_reply})"
+
+
+def test_sendmail_is_silent_when_it_works(cli):
+    result = cli("sendmail", "-i", ALICE, input="Subject: quiet\n\nbody\n")
+    assert result.returncode == EX_OK, result
+    assert (result.stdout, result.stderr) == ("", "")
+
+
+def test_sendmail_with_the_null_sender_adds_a_real_from_address(cli, smtp_sink):
+    cli.configure(smtp_sink, default_sender="cron@example.org")
+    assert cli("sendmail", "-i", "-f", "<>", ALICE, input="Subject: bounce\n\nbody\n").returncode == EX_OK
+    assert cli("run", "--once").returncode == EX_OK
+    (received,) = smtp_sink.received
+    assert received.sender == "<>"  # how aiosmtpd reports the null reverse-path
+    assert b"\r\nFrom: cron@example.org\r\n" in b"\r\n" + received.data
+
+
+def test_the_demo_refuses_a_queue_that_holds_messages(cli, queue_path, manager):
+    commit(queue_path, manager)
+    result = cli("demo", "--queue", queue_path)
+    assert result.returncode == EX_USAGE, result
+    assert "already holds messages" in result.stderr
+    assert len(os.listdir(queue_path / "new")) == 1

@@ -130,3 +130,22 @@ def test_every_setting_is_documented():
 
     page = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "configuration.rst").read_text()
     assert [name for name in config.SETTINGS if f"``{name}``" not in page] == []
+
+
+def test_a_word_where_a_number_belongs_is_named_plainly():
+    with pytest.raises(ConfigError, match="bad value for smtp_port: 'http' is not a whole number"):
+        config.parse({"smtp_port": "http"})
+
+
+def test_the_delivery_log_handler_is_replaced_not_doubled_on_reload(tmp_path):
+    import logging
+
+    settings = config.parse({"delivery_log": str(tmp_path / "deliveries.log")})
+    logger = logging.getLogger("mailspool.deliveries")
+    try:
+        config.configure_delivery_log(settings)
+        config.configure_delivery_log(settings)
+        assert sum(getattr(h, "_mailspool_delivery_log", False) for h in logger.handlers) == 1
+    finally:
+        config.configure_delivery_log(config.parse({}))
+    assert not any(getattr(h, "_mailspool_delivery_log", False) for h in logger.handlers)
