@@ -66,7 +66,7 @@ class ScriptedHandler:
     per-connection limit). ``data_delay`` seconds pass before each DATA
     reply (a slow server). Accepted messages land in ``received`` as
     (sender, accepted recipients, bytes); ``connections`` counts EHLOs,
-    ``mails`` MAIL commands, ``data_attempts`` DATA commands.
+    ``mails`` MAIL commands, ``data_attempts`` DATA commands, ``resets`` RSETs.
     """
 
     def __init__(self):
@@ -79,6 +79,7 @@ class ScriptedHandler:
         self.mails = 0
         self.mail_options = []
         self.data_attempts = 0
+        self.resets = 0
         self.closed_by_server = 0
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
@@ -91,6 +92,10 @@ class ScriptedHandler:
         self.mail_options.append(list(mail_options))
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RSET(self, server, session, envelope):
+        self.resets += 1
         return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):

@@ -33,6 +33,8 @@ def logfmt_value(value):
 
 def record_attempt(claim, attempt, outcome, attempt_number):
     """Write the delivery-log line for one attempt. Never raises."""
+    if not log.isEnabledFor(_LEVELS[outcome]):
+        return  # nobody listens: do not build the line
     try:
         envelope = claim.envelope
         if attempt.error:

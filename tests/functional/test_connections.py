@@ -165,3 +165,19 @@ def test_permanent_errors_keep_the_connection_for_the_next_message(scripted_serv
         mailer.send("shop@example.org", ["a@example.org"], b"Subject: x\r\n\r\n2\r\n")
     assert scripted_server.handler.connections == 1
     assert len(scripted_server.handler.received) == 1
+
+
+def test_rset_only_follows_a_transaction_that_did_not_complete(scripted_server):
+    scripted_server.handler.data_replies = [None, None, "554 5.6.0 refused", None]  # accept, accept, refuse, accept
+    mailer = mailer_for(scripted_server)
+    with mailer.session():
+        mailer.send("shop@example.org", ["a@example.org"], b"Subject: x\r\n\r\n1\r\n")
+        mailer.send("shop@example.org", ["a@example.org"], b"Subject: x\r\n\r\n2\r\n")  # completed before: no RSET
+        try:
+            mailer.send("shop@example.org", ["a@example.org"], b"Subject: x\r\n\r\n3\r\n")
+        except PermanentDeliveryError:
+            pass
+        mailer.send("shop@example.org", ["a@example.org"], b"Subject: x\r\n\r\n4\r\n")  # after a refusal: RSET
+    assert scripted_server.handler.resets == 1
+    assert scripted_server.handler.connections == 1
+    assert len(scripted_server.handler.received) == 3
