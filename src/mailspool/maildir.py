@@ -144,9 +144,14 @@ class ClaimedFile:
         """See ``IClaimedMessage.read``."""
         try:
             size = os.fstat(self._fd).st_size
-            return os.pread(self._fd, size - self._data_offset, self._data_offset)
+            data = os.pread(self._fd, max(size - self._data_offset, 0), self._data_offset)
         except OSError as exc:
             raise QueueFileError(f"{self.path}: cannot read message: {exc.strerror}", self.path) from exc
+        if size <= self._data_offset:
+            raise QueueFileError(f"{self.path}: the message is gone (file truncated to {size} bytes)", self.path)
+        if len(data) != size - self._data_offset:
+            raise QueueFileError(f"{self.path}: the file changed while it was read", self.path)
+        return data
 
     def _close(self):
         """Drop the lock. Called only after the file has left active/ (or been removed)."""

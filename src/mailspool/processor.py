@@ -291,8 +291,12 @@ class QueueProcessor:
             # (the processor died before settling): settle without sending.
             return self._settle(claim, Attempt(at=now, error="nothing left to send"), [*claim.attempts])
         try:
+            data = claim.read()
+        except QueueFileError as exc:
+            return self._give_up(claim, Attempt(at=now, error=f"unreadable queue file: {exc}"))
+        try:
             # zope.sendmail-style mailers return None for "all accepted".
-            refused = self.mailer.send(envelope.sender, recipients, claim.read()) or {}
+            refused = self.mailer.send(envelope.sender, recipients, data) or {}
         except TransientDeliveryError as exc:
             attempt = Attempt(at=now, server=exc.server or self._server(), refused=exc.refused, error=str(exc))
             return self._retry_later(claim, attempt)
