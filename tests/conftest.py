@@ -26,6 +26,16 @@ def manager():
     return transaction.TransactionManager(explicit=True)
 
 
+def wait_for(condition, timeout=60.0):
+    """Poll ``condition`` until true or ``timeout`` seconds pass (a bound, never a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 class Clock:
     """A clock the test moves forward, so retries become due without waiting."""
 

@@ -12,6 +12,7 @@ import pytest
 
 from mailspool import QueuedMailDelivery, QueueProcessor, SMTPMailer
 from mailspool.processor import QueueProcessorThread
+from conftest import wait_for
 
 MESSAGE = "From: shop@example.org\r\nSubject: number {number}\r\nMessage-Id: <{number}@example.org>\r\n\r\nHi.\r\n"
 
@@ -26,16 +27,6 @@ def commit_many(queue_path, manager, count):
 def received_ids(sink):
     return [line.split(b":", 1)[1].strip() for r in sink.received for line in r.data.split(b"\r\n")
             if line.lower().startswith(b"message-id:")]
-
-
-def wait_for(condition, timeout=30.0):
-    """Poll ``condition`` until true or ``timeout`` (a bound, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 @pytest.mark.parametrize("workers", [2, 4])

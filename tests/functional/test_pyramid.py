@@ -1,13 +1,14 @@
 """A real Pyramid application with pyramid_tm, driven through WebTest."""
 
 import os
-import time
 
 import pytest
 import pyramid_tm
 import webtest
 from pyramid.config import Configurator
 from pyramid.response import Response
+
+from conftest import wait_for
 
 import mailspool
 from mailspool import Message, QueueProcessor, SMTPMailer
@@ -83,9 +84,7 @@ def test_the_processor_thread_delivers_without_a_separate_process(settings, smtp
     wsgi = make_app(settings)
     try:
         webtest.TestApp(wsgi).get("/ok")
-        deadline = time.monotonic() + 60
-        while not smtp_sink.received and time.monotonic() < deadline:
-            time.sleep(0.02)
+        assert wait_for(lambda: smtp_sink.received)
         assert len(smtp_sink.received) == 1
     finally:
         wsgi.registry.mailspool_processor_thread.stop(timeout=60)

@@ -1,7 +1,6 @@
 """ZCML: zope.sendmail's mail:* directives, implemented by mailspool, against a real SMTP server."""
 
 import logging
-import time
 
 import pytest
 import transaction
@@ -16,6 +15,7 @@ from zope.interface import implementer
 from mailspool import MaildirQueue, QueueProcessor
 from mailspool import zcml as mailspool_zcml
 from mailspool.interfaces import IDirectMailDelivery, IMailDelivery, IMailer, IMailSentEvent, IQueuedMailDelivery
+from conftest import wait_for
 
 MESSAGE = b"From: shop@example.org\r\nTo: alice@example.org\r\nSubject: Hi\r\n\r\nHello.\r\n"
 
@@ -35,16 +35,6 @@ def configure(body):
 def smtp_mailer(sink, name="smtp"):
     # aiosmtpd on 127.0.0.1 offers no STARTTLS: zope.sendmail's no_tls flag.
     return f'<mail:smtpMailer name="{name}" hostname="{sink.host}" port="{sink.port}" no_tls="true" timeout="10" />'
-
-
-def wait_for(condition, timeout=60.0):
-    """Poll ``condition`` until true or ``timeout`` (a bound, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 @pytest.fixture(autouse=True)
