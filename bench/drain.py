@@ -41,6 +41,7 @@ import datetime
 import email
 import email.utils
 import faulthandler
+import importlib
 import io
 import json
 import multiprocessing
@@ -136,8 +137,8 @@ def sink_main(conn, port, delay, delay_on):
             with self.lock:
                 self.messages += 1
                 self.bytes += len(data)
-                if b"\r\n" not in data:
-                    self.bare_lf += 1
+                if data.count(b"\n") != data.count(b"\r\n"):
+                    self.bare_lf += 1  # some line ends in a bare LF
                 if found is None:
                     self.unnumbered += 1
                 elif int(found.group(1)) in self.seqs:
@@ -386,7 +387,7 @@ class Repoze:
 
 def repoze_available():
     try:
-        import repoze.sendmail.queue  # noqa: F401
+        importlib.import_module("repoze.sendmail.queue")
     except ImportError as exc:
         return False, str(exc)
     return True, metadata.version("repoze.sendmail")
@@ -406,6 +407,7 @@ def run_one(contender, messages, sink, workdir, watchdog):
     faulthandler.dump_traceback_later(watchdog, exit=True)
     try:
         contender.fill(queue_path, messages)
+        os.sync()  # the fill's writeback must not run during the timed drain
         drain = contender.prepare(queue_path, sink.host, sink.port)
         sink.reset()
         started = time.perf_counter()
@@ -440,7 +442,7 @@ def run_phase(name, contenders, messages, delay, delay_on, rounds, workdir, watc
     """Run every contender ``rounds`` times (interleaved) against one sink; return results by key."""
     results = {contender.key: [] for contender in contenders}
     with Sink(delay, delay_on) as sink:
-        out(f"  sink on {sink.host}:{sink.port} (pid of its own), "
+        out(f"  sink on {sink.host}:{sink.port} (own process), "
             + (f"replies delayed {delay * 1000:g} ms ({delay_on})" if delay else "no delay"))
         for round_number in range(rounds):
             for contender in contenders:
@@ -450,7 +452,8 @@ def run_phase(name, contenders, messages, delay, delay_on, rounds, workdir, watc
                 out(f"  [{name} {round_number + 1}/{rounds}] {contender.label:<30} "
                     f"{result['seconds']:7.3f} s {result['rate']:8.1f} msg/s  "
                     f"received {result['received']}/{result['messages']} "
-                    f"over {result['connections']} connection(s)  {status}")
+                    f"over {result['connections']} connection(s)"
+                    + (f", {result['bare_lf']} with bare-LF lines" if result["bare_lf"] else "") + f"  {status}")
     return results
 
 
@@ -464,7 +467,7 @@ def summarise(results, contenders):
             "received": "/".join(str(run["received"]) for run in runs) if len(runs) > 1 else str(runs[0]["received"]),
             "connections": runs[-1]["connections"],
             "seconds": statistics.median(run["seconds"] for run in runs),
-            "rate": statistics.median(rates), "low": min(rates), "high": max(rates),
+            "rate": statistics.median(rates), "low": min(rates), "high": max(rates), "rates": rates,
             "ok": all(run["ok"] for run in runs),
             "problems": "; ".join(run["problems"] for run in runs if run["problems"]),
         })
@@ -494,6 +497,13 @@ def table(rows, reference_key, rounds):
     return "\n".join(lines)
 
 
+def paired(rows, key, reference_key):
+    """Per-round ratios key/reference (rounds are interleaved, so each pair ran close in time)."""
+    rates = {row["key"]: row["rates"] for row in rows}
+    ratios = [mine / theirs for mine, theirs in zip(rates[key], rates[reference_key])]
+    return "per round: " + ", ".join(f"{ratio:.2f}" for ratio in ratios)
+
+
 def verdicts(local_rows, remote_rows):
     lines = []
     rate = {row["key"]: row for row in local_rows}
@@ -502,13 +512,14 @@ def verdicts(local_rows, remote_rows):
         met = ratio >= 0.8 and rate["mailspool-1"]["ok"] and rate["raw"]["ok"]
         extra_us = (1 / rate["mailspool-1"]["rate"] - 1 / rate["raw"]["rate"]) * 1e6
         lines.append(f"local: mailspool 1 worker = {ratio:.2f} x raw smtplib (target >= 0.80): "
-                     f"{'MET' if met else 'MISSED'}; {extra_us:.0f} us per message more than raw")
+                     f"{'MET' if met else 'MISSED'} ({paired(local_rows, 'mailspool-1', 'raw')}); "
+                     f"{extra_us:.0f} us per message more than raw")
     rate = {row["key"]: row for row in remote_rows}
     if "repoze" in rate and "mailspool-4" in rate:
         ratio = rate["mailspool-4"]["rate"] / rate["repoze"]["rate"]
         met = ratio >= 4 and rate["mailspool-4"]["ok"] and rate["repoze"]["ok"]
         lines.append(f"remote: mailspool 4 workers = {ratio:.2f} x repoze.sendmail (target >= 4): "
-                     f"{'MET' if met else 'MISSED'}")
+                     f"{'MET' if met else 'MISSED'} ({paired(remote_rows, 'mailspool-4', 'repoze')})")
     elif remote_rows:
         lines.append("remote: mailspool 4 workers vs repoze.sendmail: NOT MEASURED (repoze.sendmail missing)")
     return lines
@@ -523,6 +534,7 @@ def profile_drains(contenders, messages, sink_args, workdir, watchdog, out, limi
             faulthandler.dump_traceback_later(watchdog, exit=True)
             try:
                 contender.fill(queue_path, messages)
+                os.sync()
                 drain = contender.prepare(queue_path, sink.host, sink.port)
                 sink.reset()
                 profiler = cProfile.Profile()
@@ -540,6 +552,40 @@ def profile_drains(contenders, messages, sink_args, workdir, watchdog, out, limi
             out(f"\n--- cProfile of {contender.label} ({len(messages)} messages, {seconds:.2f} s under the "
                 f"profiler, {received} received; main thread only) ---")
             out("\n".join(line for line in buffer.getvalue().splitlines() if line.strip()))
+
+
+class NullMailer:
+    """Accepts every message at once: what is left of a drain is the queue's own work."""
+
+    def send(self, fromaddr, toaddrs, message):
+        return {}
+
+    def vote(self, fromaddr, toaddrs, message):
+        pass
+
+    def abort(self):
+        pass
+
+
+def queue_only(messages, directories, out):
+    """Time mailspool's 1-worker drain into a mailer that does nothing, per file system."""
+    from mailspool import QueueProcessor
+
+    out(f"\n--- mailspool queue work alone: 1 worker, a mailer that accepts at once, {len(messages)} messages ---")
+    for directory in directories:
+        path = tempfile.mkdtemp(prefix="queue-only-", dir=directory)
+        try:
+            queue_path = os.path.join(path, "queue")
+            Mailspool(1).fill(queue_path, messages)
+            os.sync()
+            processor = QueueProcessor(queue_path, NullMailer())
+            started = time.perf_counter()
+            summary = processor.run_once()
+            seconds = time.perf_counter() - started
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+        out(f"  {directory} ({filesystem_of(directory)}): {seconds:.3f} s, "
+            f"{seconds / len(messages) * 1e6:.0f} us per message ({summary})")
 
 
 def machine_lines(queue_dir):
@@ -608,7 +654,8 @@ def main(argv=None):
                         help="hooks (default): the EHLO, MAIL, RCPT and end-of-DATA replies are delayed; "
                              "every-reply: every reply, greeting, 354, RSET and QUIT included")
     parser.add_argument("--size", type=int, default=2048, help="bytes per message (2048)")
-    parser.add_argument("--repeat", type=int, default=1, help="rounds per phase; the table shows medians (1)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds per phase, contenders interleaved; the tables show medians (3)")
     parser.add_argument("--skip-repoze", action="store_true", help="leave repoze.sendmail out")
     parser.add_argument("--skip-local", action="store_true", help="run only the emulated remote phase")
     parser.add_argument("--diagnose", action="store_true",
@@ -699,6 +746,7 @@ def main(argv=None):
                 json.dump(report, stream, indent=1, default=str)
         if args.profile:
             messages = make_messages(args.messages, args.size, tag + ".p")
+            queue_only(messages, [workdir] + (["/dev/shm"] if os.path.isdir("/dev/shm") else []), out)
             profile_drains([RawSMTPLib(), Mailspool(1)], messages, (0.0, args.delay_on), workdir,
                            args.watchdog, out, args.profile_lines)
     finally:
