@@ -3,7 +3,7 @@
 import logging
 import os
 
-from conftest import DROP, ScriptedHandler
+from harness import DROP, ScriptedHandler
 
 from mailspool import QueuedMailDelivery, QueueProcessor, SMTPMailer
 from mailspool.envelope import Attempt
@@ -17,7 +17,7 @@ def commit_many(queue_path, manager, count, size=0):
     delivery = QueuedMailDelivery(queue_path, transaction_manager=manager)
     with manager:
         for number in range(count):
-            body = MESSAGE.format(number=number) + "x" * size + "\r\n"
+            body = MESSAGE.format(number=number) + ("x" * 76 + "\r\n") * (size // 78)  # SMTP-legal lines
             delivery.send("shop@example.org", ["a@example.org"], body.encode())
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from mailspool import QueuedMailDelivery, QueueProcessor, SMTPMailer
 from mailspool.processor import QueueProcessorThread
-from conftest import wait_for
+from harness import wait_for
 
 MESSAGE = "From: shop@example.org\r\nSubject: number {number}\r\nMessage-Id: <{number}@example.org>\r\n\r\nHi.\r\n"
 

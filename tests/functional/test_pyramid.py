@@ -8,7 +8,7 @@ import webtest
 from pyramid.config import Configurator
 from pyramid.response import Response
 
-from conftest import wait_for
+from harness import wait_for
 
 import mailspool
 from mailspool import Message, QueueProcessor, SMTPMailer

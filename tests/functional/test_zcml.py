@@ -15,7 +15,7 @@ from zope.interface import implementer
 from mailspool import MaildirQueue, QueueProcessor
 from mailspool import zcml as mailspool_zcml
 from mailspool.interfaces import IDirectMailDelivery, IMailDelivery, IMailer, IMailSentEvent, IQueuedMailDelivery
-from conftest import wait_for
+from harness import wait_for
 
 MESSAGE = b"From: shop@example.org\r\nTo: alice@example.org\r\nSubject: Hi\r\n\r\nHello.\r\n"
 
