@@ -236,8 +236,12 @@ def command_run(arguments, settings):
     queue = open_queue(settings)
     progress = ProgressDisplay(sys.stderr) if sys.stderr.isatty() else None
     processor = QueueProcessor(queue, settings.make_mailer(), progress=progress, **settings.processor_options())
-    with _signals_stop(processor):
-        summary = processor.run_once()
+    try:
+        with _signals_stop(processor):
+            summary = processor.run_once()
+    except QueueError as exc:  # e.g. a read-only queue: nothing was lost, try again later
+        print(f"mailspool run: cannot use the queue: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
     if progress is not None:
         progress.finish()
     log.info("run finished: %s", summary)

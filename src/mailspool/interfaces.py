@@ -165,19 +165,24 @@ class IMailQueue(Interface):
         ``OSError``) naming the path when the queue cannot be written.
         """
 
-    def due(now=None):
+    def due(now=None, max_wait=None):
         """Iterate the ids of messages that may be claimed at ``now`` (epoch seconds).
 
         Ready messages and deferred ones whose retry time has come. The
         result is a snapshot; a listed id may be claimed by someone else
         before the caller gets to it.
+
+        ``max_wait`` (seconds; None: no limit) is the longest any retry can
+        wait. A retry due further ahead than that was deferred by a clock
+        that has since gone back, and is due now. Messages scheduled with
+        ``send_at`` (never attempted) keep their time however far ahead.
         """
 
-    def claim(queue_id, now=None):
+    def claim(queue_id, now=None, max_wait=None):
         """Take the message for exclusive processing; return an IClaimedMessage or None.
 
         A deferred message is only taken once it is due at ``now`` (epoch
-        seconds, default the current time).
+        seconds, default the current time; ``max_wait`` as for ``due``).
 
         Atomic: of any number of concurrent callers, exactly one gets the
         message; the others get ``None``, as does a caller whose id is gone.

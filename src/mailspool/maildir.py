@@ -40,6 +40,7 @@ import fcntl
 import itertools
 import logging
 import os
+import re
 import secrets
 import socket
 import stat
@@ -86,6 +87,11 @@ def unique_name(now=None):
     seconds = int(now)
     micro = int((now - seconds) * 1_000_000)
     return f"{seconds}.M{micro:06d}P{os.getpid()}Q{next(_sequence)}R{secrets.token_hex(4)}.{_hostname}"
+
+
+# What unique_name() makes: a file in new/ named like this was written by
+# mailspool, so the legacy import never has to open it to find out.
+_OUR_QUEUE_ID = re.compile(r"\d+\.M\d{6}P\d+Q\d+R[0-9a-f]{8}\.")
 
 
 def fsync_directory(path):
@@ -185,6 +191,9 @@ class MaildirQueue:
             raise QueueError(f"queue path {self.path} exists but is not a directory", self.path)
         if not create and not os.path.isdir(self.path):
             raise QueueError(f"queue directory {self.path} does not exist", self.path)
+        if os.path.isdir(self.path) and not os.access(self.path, os.R_OK | os.X_OK):
+            # Another user's queue (it is 0700): its subdirectories would look missing below.
+            raise QueueError(f"queue directory {self.path} cannot be read: permission denied", self.path)
         # The queue itself and its subdirectories get 0700; parents we had to
         # create get the umask's default, like `mkdir -p`.
         # A Maildir written by repoze.sendmail or zope.sendmail (it has new/)
@@ -239,19 +248,36 @@ class MaildirQueue:
 
     # -- processing --------------------------------------------------------
 
-    def due(self, now=None):
-        """See ``IMailQueue.due``. Ready messages first, oldest first."""
+    def due(self, now=None, max_wait=None):
+        """See ``IMailQueue.due``. Ready messages first, oldest first.
+
+        ``max_wait`` (seconds, None: no limit) is the longest a retry can
+        wait. A deferred message due further ahead than that was deferred
+        by a clock that has since gone back (or had jumped ahead): it is
+        due now, so a clock set back by a day does not hold a one-minute
+        retry for a day. Scheduled messages (no attempt log yet) keep
+        their time, however far ahead.
+        """
         now = time.time() if now is None else now
         yield from sorted(self._names(READY))
         for entry in _scan(self._dir(DEFERRED)):
             try:
-                if entry.stat(follow_symlinks=False).st_mtime <= now:
+                if self._deferred_is_due(entry.name, entry.stat(follow_symlinks=False).st_mtime, now, max_wait):
                     yield entry.name
             except FileNotFoundError:
                 continue  # claimed by someone else meanwhile
 
-    def claim(self, queue_id, now=None):
-        """See ``IMailQueue.claim``. Looks in new/, then deferred/ (only if due)."""
+    def _deferred_is_due(self, queue_id, due_at, now, max_wait):
+        """Whether a deferred message due at ``due_at`` (its mtime) may be claimed at ``now``; see ``due``."""
+        if due_at <= now:
+            return True
+        if max_wait is None or due_at - now <= max_wait:
+            return False
+        # Too far ahead for a retry. A scheduled message has no attempt log (defer() writes one first).
+        return os.path.lexists(self._path(LOG_DIR, queue_id))
+
+    def claim(self, queue_id, now=None, max_wait=None):
+        """See ``IMailQueue.claim``. Looks in new/, then deferred/ (only if due; ``max_wait`` as in ``due``)."""
         now = time.time() if now is None else now
         for state in (READY, DEFERRED):
             source = self._path(STATE_DIRS[state], queue_id)
@@ -264,13 +290,13 @@ class MaildirQueue:
                     self._set_aside(source, queue_id, "a symbolic link where a message should be (never followed)")
                     raise QueueFileError(f"{source}: symbolic link moved to failed/", source) from exc
                 raise QueueError(f"cannot open {source}: {exc.strerror}", source) from exc
-            claimed = self._lock_and_take(fd, source, queue_id, state, now)
+            claimed = self._lock_and_take(fd, source, queue_id, state, now, max_wait)
             if claimed is not None:
                 return claimed
             return None
         return None
 
-    def _lock_and_take(self, fd, source, queue_id, state, now):
+    def _lock_and_take(self, fd, source, queue_id, state, now, max_wait=None):
         """Lock ``fd`` and rename its file into active/HOST/; return a ClaimedFile or None."""
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -279,7 +305,7 @@ class MaildirQueue:
             return None  # another processor holds it
         try:
             info = os.fstat(fd)
-            if state == DEFERRED and info.st_mtime > now:
+            if state == DEFERRED and not self._deferred_is_due(queue_id, info.st_mtime, now, max_wait):
                 os.close(fd)
                 return None  # deferred again by someone else since it was listed
             target = os.path.join(self._claim_dir, queue_id)
@@ -288,6 +314,9 @@ class MaildirQueue:
             except FileNotFoundError:
                 os.close(fd)
                 return None  # delivered or moved by someone else since we opened it
+            if state == DEFERRED and info.st_mtime > now:
+                log.warning("message %s was deferred until %d s from now, longer than any retry waits: "
+                            "the clock went back; trying it now", queue_id, info.st_mtime - now)
             if stat.S_ISREG(info.st_mode):
                 os.utime(fd)  # the claim's heartbeat starts now
         except BaseException:
@@ -420,6 +449,10 @@ class MaildirQueue:
             lock.acquire()
         except filelock.Timeout:
             return done  # another processor is doing it right now
+        except OSError as exc:
+            # The queue cannot be written (read-only, another user's): say so as the
+            # QueueError every caller expects, naming the queue, not filelock's bare OSError.
+            raise QueueError(f"cannot use queue {self.path}: {exc.strerror} ({lock.lock_file})", self.path) from exc
         try:
             self._remove_stale_staging(now, done)
             self._release_abandoned_claims(now, done)
@@ -465,6 +498,8 @@ class MaildirQueue:
                 imported += self._take_legacy(os.path.join(directory, name), name[len(legacy.REJECTED_PREFIX):],
                                               now, rejected=True)
             for entry in list(_scan(directory)):
+                if directory == self._dir(READY) and _OUR_QUEUE_ID.match(entry.name):
+                    continue  # ours: no need to open it
                 sending = os.path.join(directory, legacy.SENDING_PREFIX + entry.name)
                 if _younger_than(sending, LEGACY_MAX_SEND_SECONDS, now):
                     continue  # an old processor may be sending it right now

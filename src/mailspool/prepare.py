@@ -18,6 +18,10 @@ _LINE_ENDING = re.compile(rb"\r\n|\r|\n")
 _TEXT_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _HEADER_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 ftext: printable, no colon
 _FORBIDDEN_IN_ADDRESS = ("\r", "\n", "\0", "<", ">")
+# Octets per line, CRLF not counted (RFC 5321, 4.5.3.1.6; RFC 5322, 2.1.1).
+# Servers refuse longer lines for good ("500 Line too long"), so such a
+# message is refused here, where the caller can still fix it.
+MAX_LINE_LENGTH = 998
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +50,7 @@ def prepare(fromaddr, toaddrs, message):
     if not recipients:
         raise NoRecipients("no recipients: a message needs at least one envelope recipient")
     raw = _message_bytes(message)
+    _check_line_lengths(raw, given_as_bytes=isinstance(message, (bytes, bytearray, memoryview)))
     header_lines, body = _split_message(raw)
     header_lines = [line for line in header_lines if line]
     _check_header_lines(header_lines)
@@ -73,6 +78,10 @@ def _check_address(address, role, allow_empty=False):
             raise InvalidAddress(f"{role} address {address!r} is not valid UTF-8") from exc
     if not isinstance(address, str):
         raise InvalidAddress(f"{role} address must be a string, not {type(address).__name__}: {address!r}")
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate, e.g. a non-UTF-8 byte decoded with surrogateescape
+        raise InvalidAddress(f"{role} address {address!r} cannot be written as UTF-8") from exc
     for bad in _FORBIDDEN_IN_ADDRESS:
         if bad in address:
             raise InvalidAddress(
@@ -106,20 +115,49 @@ def _message_bytes(message):
     return _LINE_ENDING.sub(b"\r\n", data)
 
 
+def _check_line_lengths(data, given_as_bytes):
+    """Refuse a line longer than SMTP can carry, naming it: it would only fail at delivery."""
+    if len(data) <= MAX_LINE_LENGTH:
+        return
+    lines = data.split(b"\r\n")
+    if max(map(len, lines)) <= MAX_LINE_LENGTH:
+        return
+    number = next(number for number, line in enumerate(lines, 1) if len(line) > MAX_LINE_LENGTH)
+    if given_as_bytes:
+        where = "the message"
+        advice = ("pass an email.message.EmailMessage instead of bytes: set_content() gives long lines "
+                  "a transfer encoding (quoted-printable) that keeps them intact")
+    else:
+        where = "the serialised message"
+        advice = ("give the part a transfer encoding that wraps lines (quoted-printable or base64), "
+                  "as EmailMessage.set_content() does")
+    raise InvalidMessage(
+        f"line {number} of {where} is {len(lines[number - 1])} bytes long; SMTP allows at most "
+        f"{MAX_LINE_LENGTH} per line (RFC 5321, 4.5.3.1.6) and servers refuse longer ones: {advice}"
+    )
+
+
 def _check_message_headers(message):
-    """Refuse header values that would break out of their line when serialised.
+    """Refuse header names and values, in every MIME part, that would break out of their line when serialised.
 
     A line break is only allowed as folding: followed by a space or tab and
-    more text on the continuation line.
+    more text on the continuation line. The values are checked as stored
+    (``raw_items``): the modern policies' ``items()`` shows them with line
+    breaks removed, but a value stored with ``set_raw`` is written out with
+    its line breaks.
     """
-    for name, value in message.items():
-        text = str(value)
-        if "\0" in text:
-            raise HeaderInjection(f"header {name!r} contains a NUL byte")
-        continuation_lines = _TEXT_LINE_BREAK.split(text)[1:]
-        for line in continuation_lines:
-            if line[:1] not in (" ", "\t") or not line.strip():
-                raise HeaderInjection(f"header {name!r} contains a line break that would start a new header: {text!r}")
+    for part in message.walk():
+        for name, value in part.raw_items():
+            if any(char in str(name) for char in "\r\n\0"):
+                raise HeaderInjection(f"header name {name!r} contains CR, LF or NUL")
+            text = str(value)
+            if "\0" in text:
+                raise HeaderInjection(f"header {name!r} contains a NUL byte")
+            continuation_lines = _TEXT_LINE_BREAK.split(text)[1:]
+            for line in continuation_lines:
+                if line[:1] not in (" ", "\t") or not line.strip():
+                    raise HeaderInjection(
+                        f"header {name!r} contains a line break that would start a new header: {text!r}")
 
 
 def _split_message(data):

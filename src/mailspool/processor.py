@@ -39,6 +39,10 @@ from mailspool.maildir import MaildirQueue
 log = logging.getLogger(__name__)
 
 DEFAULT_POLL_INTERVAL = 30.0
+# How far the clocks of hosts sharing a queue may disagree. A retry due
+# further ahead than backoff_max plus this was scheduled by a clock that
+# has since gone back: it is tried now (see ``RetryPolicy.longest_wait``).
+CLOCK_SKEW_ALLOWANCE = 300.0
 
 
 @dataclasses.dataclass
@@ -80,6 +84,17 @@ class RetryPolicy:
         """Seconds to wait after the ``failures``-th consecutive failure (1-based)."""
         base = min(self.backoff_max, self.backoff_min * 2 ** min(failures - 1, 62))
         return base * (1 - random.uniform(0, self.jitter))
+
+    @property
+    def longest_wait(self):
+        """The longest a deferred message can legitimately wait: ``backoff_max`` plus clock skew between hosts.
+
+        A deferred message due further ahead than this (its clock went back
+        after it was deferred) is tried at once, and then waits as usual:
+        no message is held for as long as a clock jumped back, and none is
+        retried on every run.
+        """
+        return self.backoff_max + CLOCK_SKEW_ALLOWANCE
 
     def gives_up(self, queued_at, failures, now):
         """True when a message queued (or requeued) at ``queued_at`` must not be retried again."""
@@ -152,7 +167,7 @@ class QueueProcessor:
             log.info("queue housekeeping: %s", housekeeping)
         if self._stopping.is_set():
             return summary
-        due_ids = list(self.queue.due(self._clock()))
+        due_ids = list(self.queue.due(self._clock(), max_wait=self.retry_policy.longest_wait))
         due = iter(due_ids)
         with self._keeping_claims_alive():
             if self.workers == 1:
@@ -233,7 +248,7 @@ class QueueProcessor:
 
     def _claim_and_process(self, queue_id):
         try:
-            claim = self.queue.claim(queue_id, self._clock())
+            claim = self.queue.claim(queue_id, self._clock(), max_wait=self.retry_policy.longest_wait)
         except QueueFileError as exc:
             log.error("unreadable queue entry %s moved to failed: %s", queue_id, exc)
             return "failed"
