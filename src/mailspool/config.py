@@ -110,6 +110,10 @@ class Setting:
 
 SETTINGS = {setting.name: setting for setting in [
     Setting("queue_path", _optional_text, None, "queue directory"),
+    Setting("queue_url", _optional_text, None, "PostgreSQL queue, postgresql://user@host/db (instead of queue_path)"),
+    Setting("keep_sent", duration, 0.0, "PostgreSQL queue: keep delivered rows this long for audit"),
+    Setting("queue_session", _optional_text, None, "Pyramid: request attribute with the SQLAlchemy session "
+            "the PostgreSQL queue writes through (e.g. dbsession)"),
     Setting("mailer", _choice("smtp", "sendmail"), "smtp", "how to deliver: smtp or sendmail"),
     Setting("smtp_host", _text, "localhost", "SMTP server"),
     Setting("smtp_port", _port, 25, "SMTP port"),
@@ -189,14 +193,33 @@ class Settings:
 
         return SendmailMailer(self.sendmail_path, timeout=self.smtp_timeout, template=self.sendmail_template)
 
+    @property
+    def queue_location(self):
+        """``queue_url`` if set, else ``queue_path`` (which may be a URL too), or None."""
+        return self.queue_url or self.queue_path
+
     def make_queue(self, create=False):
-        """The queue these settings name; ConfigError when no queue_path is set."""
+        """The queue these settings name; ConfigError when none is set or its backend is not installed.
+
+        A ``postgresql://`` location is a ``PostgresQueue`` (its lease is
+        ``stale_claim_timeout``), anything else a ``MaildirQueue`` directory.
+        """
+        from mailspool.delivery import is_database_url
         from mailspool.maildir import MaildirQueue
 
-        if not self.queue_path:
-            raise ConfigError("no queue: give QUEUE on the command line or queue_path in the [mailspool] "
-                              "section of the configuration file", key="queue_path")
-        return MaildirQueue(self.queue_path, create=create, stale_claim_timeout=self.stale_claim_timeout)
+        location = self.queue_location
+        if not location:
+            raise ConfigError("no queue: give QUEUE on the command line or queue_path (a directory) or queue_url "
+                              "(postgresql://...) in the [mailspool] section of the configuration file",
+                              key="queue_path")
+        if not is_database_url(location):
+            return MaildirQueue(location, create=create, stale_claim_timeout=self.stale_claim_timeout)
+        try:
+            from mailspool.postgresql import PostgresQueue
+        except ImportError as exc:
+            raise ConfigError(f"queue {location.split('@')[-1]} is in PostgreSQL, which needs the postgresql "
+                              f"extra: pip install 'mailspool[postgresql]' ({exc})", key="queue_url") from exc
+        return PostgresQueue(location, lease_seconds=self.stale_claim_timeout, keep_sent=self.keep_sent)
 
     def processor_options(self):
         """Keyword arguments for ``QueueProcessor``."""

@@ -26,7 +26,7 @@ import time
 import transaction
 
 from mailspool import config
-from mailspool.delivery import QueuedMailDelivery
+from mailspool.delivery import QueuedMailDelivery, is_database_url
 from mailspool.exceptions import ConfigError, DeliveryError, InvalidMessage, QueueError
 from mailspool.prepare import prepare
 from mailspool.processor import QueueProcessor
@@ -67,11 +67,13 @@ def build_parser():
     verbosity.add_argument("-q", "--quiet", action="store_true", help="log only errors")
 
     def queue_argument(subparser):
-        subparser.add_argument("queue", nargs="?", metavar="QUEUE", help="queue directory (default: queue_path)")
+        subparser.add_argument("queue", nargs="?", metavar="QUEUE",
+                               help="queue directory or postgresql:// URL (default: queue_path or queue_url)")
         subparser.add_argument("-Q", "--queue", dest="queue_option", metavar="QUEUE", help="the same as QUEUE")
 
     def queue_option(subparser):
-        subparser.add_argument("-Q", "--queue", metavar="QUEUE", help="queue directory (default: queue_path)")
+        subparser.add_argument("-Q", "--queue", metavar="QUEUE",
+                               help="queue directory or postgresql:// URL (default: queue_path or queue_url)")
 
     parser = _ArgumentParser(
         prog="mailspool",
@@ -109,6 +111,7 @@ def build_parser():
                                               "attempt, sender, recipient count, last reply.")
     listing.add_argument("--state", choices=STATES, action="append", help="only this state (repeatable)")
     listing.add_argument("--json", action="store_true", help="machine-readable output (see docs/cli.rst)")
+    listing.add_argument("--limit", type=int, metavar="N", help="at most N messages, oldest first")
     queue_argument(listing)
     listing.set_defaults(handler=command_list)
 
@@ -160,6 +163,21 @@ def build_parser():
     debug_server.add_argument("--port", type=int, default=1025, help="port (default 1025)")
     debug_server.set_defaults(handler=command_debug_server)
 
+    db = commands.add_parser("db", parents=[common], help="PostgreSQL queue: create its tables",
+                             description="db init: create the PostgreSQL queue's tables and indexes if they are "
+                                         "missing (idempotent).")
+    db.add_argument("action", choices=["init"])
+    queue_argument(db)
+    db.set_defaults(handler=command_db)
+
+    move = commands.add_parser("move", parents=[common], help="move every message to another queue",
+                               description="Move every message of the queue to the queue --to names (a maildir "
+                                           "directory or a postgresql:// URL), keeping ids, states and attempt "
+                                           "history. Safe to run again after an interruption.")
+    move.add_argument("--to", required=True, metavar="QUEUE", help="target queue directory or postgresql:// URL")
+    queue_argument(move)
+    move.set_defaults(handler=command_move)
+
     demo = commands.add_parser("demo", parents=[common], help="run the whole job end to end on loopback",
                                description="Start an SMTP sink on 127.0.0.1, commit a few messages through a "
                                            "queued delivery, abort one transaction, drain the queue and show "
@@ -183,6 +201,9 @@ def main(argv=None):
         # The reader went away (`mailspool list | head`): not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EX_OK
+    except QueueError as exc:
+        print(f"mailspool: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
     except ConfigError as exc:
         print(f"mailspool: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
@@ -200,7 +221,8 @@ def load_settings(arguments):
         overrides[key.strip()] = value
     queue = getattr(arguments, "queue", None) or getattr(arguments, "queue_option", None)
     if queue and arguments.command != "demo":
-        overrides["queue_path"] = queue
+        # A directory or a postgresql:// URL; either replaces both settings of the file.
+        overrides["queue_url"], overrides["queue_path"] = (queue, "") if is_database_url(queue) else ("", queue)
     if getattr(arguments, "workers", None) is not None:
         overrides["workers"] = str(arguments.workers)
     return config.load(getattr(arguments, "config", None), overrides)
@@ -221,11 +243,15 @@ def configure_logging(arguments, settings):
 
 def open_queue(settings):
     """The configured queue, which must exist; QueueError becomes a ConfigError naming the path."""
+    key = "queue_url" if settings.queue_url else "queue_path"
     try:
-        return settings.make_queue(create=False)
+        queue = settings.make_queue(create=False)
+        verify = getattr(queue, "verify", None)  # a database queue: reachable, with its tables?
+        if verify is not None:
+            verify()
+        return queue
     except QueueError as exc:
-        raise ConfigError(f"queue_path ({settings.sources.get('queue_path', 'settings')}): {exc}",
-                          key="queue_path") from exc
+        raise ConfigError(f"{key} ({settings.sources.get(key, 'settings')}): {exc}", key=key) from exc
 
 
 # -- run ------------------------------------------------------------------------------
@@ -303,7 +329,7 @@ def run_daemon(arguments, settings):
     previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     try:
         while not state["stop"]:
-            log.info("daemon watching %s (poll every %gs)", settings.queue_path, settings.poll_interval)
+            log.info("daemon watching %r (poll every %gs)", state["processor"].queue, settings.poll_interval)
             state["processor"].run_forever(settings.poll_interval)
             if state["stop"] or not state["reload"]:
                 break
@@ -365,8 +391,29 @@ def _age(seconds):
     return f"{seconds}s"
 
 
+def queue_name(queue):
+    """How messages name a queue: its directory, or its database URL without the password."""
+    return getattr(queue, "path", None) or getattr(queue, "name", None) or repr(queue)
+
+
 def queue_status(queue, now):
-    """The ``status --json`` document (shape documented in docs/cli.rst)."""
+    """The ``status --json`` document (shape documented in docs/cli.rst).
+
+    A queue that offers ``summary()`` (PostgreSQL: a few indexed queries)
+    answers for itself; otherwise every entry's envelope is read.
+    """
+    summary = getattr(queue, "summary", None)
+    if summary is not None:
+        found = summary()
+        oldest = found["oldest_enqueued_at"]
+        last_error = found["last_error"]
+        if last_error is not None:
+            last_error = dict(last_error, at=_iso(last_error.pop("at_epoch")))
+        return {
+            "queue": queue_name(queue), "counts": found["counts"], "scheduled": found["scheduled"],
+            "oldest_age_seconds": None if oldest is None else round(now - oldest, 1),
+            "next_retry_at": _iso(found["next_retry_at"]), "last_error": last_error,
+        }
     counts = dict.fromkeys(STATES, 0)
     oldest, next_retry, last_error, scheduled = None, None, None, 0
     for entry in queue.entries():
@@ -386,7 +433,7 @@ def queue_status(queue, now):
     if last_error is not None:
         last_error["at"] = _iso(last_error.pop("at_epoch"))
     return {
-        "queue": queue.path,
+        "queue": queue_name(queue),
         "counts": counts,
         "scheduled": scheduled,
         "oldest_age_seconds": None if oldest is None else round(now - oldest, 1),
@@ -447,7 +494,7 @@ def entry_document(entry, now):
 def command_list(arguments, settings):
     queue = open_queue(settings)
     now = time.time()
-    entries = queue.entries(arguments.state)
+    entries = queue.entries(arguments.state, limit=arguments.limit)
     if arguments.json:
         print(json.dumps([entry_document(entry, now) for entry in entries], indent=1, ensure_ascii=False))
         return EX_OK
@@ -477,7 +524,7 @@ def command_show(arguments, settings):
     for queue_id in arguments.ids:
         entry = queue.entry(queue_id)
         if entry is None:
-            print(f"mailspool show: no message {queue_id!r} in {queue.path}", file=sys.stderr)
+            print(f"mailspool show: no message {queue_id!r} in {queue_name(queue)}", file=sys.stderr)
             status = EX_NOINPUT
             continue
         print(f"queue id:    {entry.queue_id}")
@@ -521,7 +568,7 @@ def _apply(queue, ids, action, verb):
             continue
         entry = queue.entry(queue_id)
         if entry is None:
-            print(f"mailspool: {queue_id}: no such message in {queue.path}", file=sys.stderr)
+            print(f"mailspool: {queue_id}: no such message in {queue_name(queue)}", file=sys.stderr)
             status = EX_NOINPUT
         else:
             print(f"mailspool: {queue_id}: is {entry.state}, so it cannot be {verb}", file=sys.stderr)
@@ -567,6 +614,38 @@ def command_delete(arguments, settings):
             print("nothing deleted")
             return EX_OK
     return _apply(queue, arguments.ids, queue.delete, "deleted")
+
+
+# -- db, move -------------------------------------------------------------------------
+
+def command_db(arguments, settings):
+    if not is_database_url(settings.queue_location or ""):
+        raise UsageError("mailspool db init needs a postgresql:// queue (QUEUE, -Q or queue_url)")
+    queue = settings.make_queue()
+    queue.create_schema()
+    print(f"mailspool tables ready in {queue_name(queue)}")
+    return EX_OK
+
+
+def command_move(arguments, settings):
+    from mailspool.move import move_queue
+
+    source = open_queue(settings)
+    to_url = is_database_url(arguments.to)
+    target_settings = config.parse({"queue_url": arguments.to if to_url else "",
+                                    "queue_path": "" if to_url else arguments.to},
+                                   {"queue_path": "--to", "queue_url": "--to"}, base=settings)
+    target = target_settings.make_queue(create=True)
+    if queue_name(source) == queue_name(target):
+        raise UsageError("the source and the target are the same queue")
+    done = move_queue(source, target)
+    target.announce()
+    print(f"moved {done['moved']} message(s) from {queue_name(source)} to {queue_name(target)}"
+          + (f"; {done['already_there']} were there already (removed from the source)" if done["already_there"]
+             else "")
+          + (f"; {done['in_flight']} being delivered were left: run the move again once processors are stopped"
+             if done["in_flight"] else ""))
+    return EX_TEMPFAIL if done["in_flight"] else EX_OK
 
 
 # -- send-test, sendmail, debug-server, demo ------------------------------------------
@@ -621,8 +700,9 @@ def sendmail_main(argv):
         # sendmail(8) is silent when it works: warnings and errors only, unless DEBUG is asked for.
         level = "DEBUG" if settings.log_level == "DEBUG" else "WARNING"
         logging.basicConfig(level=level, stream=sys.stderr, format="mailspool sendmail: %(levelname)s %(message)s")
-        if not settings.queue_path:
-            raise ConfigError("no queue_path in the [mailspool] section of the configuration", key="queue_path")
+        if not settings.queue_location:
+            raise ConfigError("no queue_path (or queue_url) in the [mailspool] section of the configuration",
+                              key="queue_path")
     except ConfigError as exc:
         print(f"mailspool sendmail: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG

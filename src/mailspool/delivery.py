@@ -12,7 +12,7 @@ from mailspool import events
 from mailspool.datamanager import MailDataManager
 from mailspool.envelope import Envelope
 from mailspool.exceptions import TransactionNotBegun
-from mailspool.interfaces import IDirectMailDelivery, IMailQueue, IQueuedMailDelivery
+from mailspool.interfaces import IDirectMailDelivery, IMailQueue, IQueuedMailDelivery, ITransactionalMailQueue
 from mailspool.maildir import MaildirQueue
 from mailspool.prepare import prepare
 
@@ -34,14 +34,16 @@ class _TransactionalDelivery:
         return prepared.message_id
 
     def _join(self, operation, message_id):
+        self._current_transaction().join(MailDataManager(self.transaction_manager, operation, message_id))
+
+    def _current_transaction(self):
         try:
-            current = self.transaction_manager.get()
+            return self.transaction_manager.get()
         except NoTransaction as exc:
             raise TransactionNotBegun(
                 "send() needs a transaction: the transaction manager is explicit and no "
                 "transaction was begun (call manager.begin() or use 'with manager:')"
             ) from exc
-        current.join(MailDataManager(self.transaction_manager, operation, message_id))
 
 
 class _QueueOperation:
@@ -54,14 +56,7 @@ class _QueueOperation:
         self.staged = None
 
     def vote(self):
-        envelope = Envelope(
-            sender=self.prepared.sender,
-            recipients=self.prepared.recipients,
-            message_id=self.prepared.message_id,
-            enqueued_at=time.time(),
-            not_before=self.not_before,
-        )
-        self.staged = self.queue.add(envelope, self.prepared.data)
+        self.staged = self.queue.add(_envelope(self.prepared, self.not_before), self.prepared.data)
 
     def finish(self):
         self.staged.publish()
@@ -74,18 +69,29 @@ class _QueueOperation:
             self.staged = None
 
 
+def _envelope(prepared, not_before):
+    return Envelope(sender=prepared.sender, recipients=prepared.recipients, message_id=prepared.message_id,
+                    enqueued_at=time.time(), not_before=not_before)
+
+
 @implementer(IQueuedMailDelivery)
 class QueuedMailDelivery(_TransactionalDelivery):
     """Queue each message at commit for a processor to deliver. See ``IQueuedMailDelivery``.
 
     ``queue`` is a directory path (a ``MaildirQueue`` is opened there,
-    creating it if missing) or any ``IMailQueue``. Raises ``QueueError``
-    naming the path if the directory cannot be used.
+    creating it if missing), a ``postgresql://`` URL (a ``PostgresQueue``;
+    needs the ``postgresql`` extra) or any ``IMailQueue``. Raises
+    ``QueueError`` naming the path if the directory cannot be used.
+
+    Given an ``ITransactionalMailQueue`` (``PostgresQueue.bind(session)``),
+    ``send()`` writes the message through the application's database
+    session at once, so it commits in the same database commit as the
+    application's rows; no resource of its own joins the transaction.
     """
 
     def __init__(self, queue, transaction_manager=None):
         super().__init__(transaction_manager)
-        self.queue = queue if IMailQueue.providedBy(queue) else MaildirQueue(queue)
+        self.queue = open_queue(queue)
 
     @property
     def queuePath(self):
@@ -99,8 +105,29 @@ class QueuedMailDelivery(_TransactionalDelivery):
         """See ``IQueuedMailDelivery.send``."""
         not_before = _not_before(send_at, delay)
         prepared = prepare(fromaddr, toaddrs, message)
-        self._join(_QueueOperation(self.queue, prepared, not_before), prepared.message_id)
+        if ITransactionalMailQueue.providedBy(self.queue):
+            self._current_transaction()  # the session's writes belong to it
+            queue_id = self.queue.insert(_envelope(prepared, not_before), prepared.data)
+            log.info("queued %s as %s in the application's transaction", prepared.message_id, queue_id)
+        else:
+            self._join(_QueueOperation(self.queue, prepared, not_before), prepared.message_id)
         return prepared.message_id
+
+
+def is_database_url(value):
+    """True for a ``postgresql://`` (or ``postgresql+driver://``) URL, as opposed to a queue directory."""
+    return isinstance(value, str) and value.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres")
+
+
+def open_queue(queue, create=True):
+    """An ``IMailQueue`` for ``queue``: itself, a ``PostgresQueue`` for a database URL, else a ``MaildirQueue``."""
+    if IMailQueue.providedBy(queue):
+        return queue
+    if is_database_url(queue):
+        from mailspool.postgresql import PostgresQueue  # the optional extra, only when asked for
+
+        return PostgresQueue(queue)
+    return MaildirQueue(queue, create=create)
 
 
 def _not_before(send_at, delay):

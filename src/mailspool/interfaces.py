@@ -178,11 +178,17 @@ class IMailQueue(Interface):
         ``send_at`` (never attempted) keep their time however far ahead.
         """
 
+    # Optional: a queue may also offer ``claim_next(now=None, max_wait=None)``,
+    # which claims the due message that comes first and nobody holds (None
+    # when nothing is due). Processors use it instead of ``due``/``claim``
+    # where it exists (PostgresQueue: one UPDATE ... SKIP LOCKED per message).
+
     def claim(queue_id, now=None, max_wait=None):
         """Take the message for exclusive processing; return an IClaimedMessage or None.
 
         A deferred message is only taken once it is due at ``now`` (epoch
-        seconds, default the current time; ``max_wait`` as for ``due``).
+        seconds, default the current time; ``max_wait`` as for ``due``);
+        ``now=math.inf`` takes it whatever its due time (``mailspool move``).
 
         Atomic: of any number of concurrent callers, exactly one gets the
         message; the others get ``None``, as does a caller whose id is gone.
@@ -225,8 +231,11 @@ class IMailQueue(Interface):
     def counts():
         """Return ``{state: number}`` for every state, cheaply (no message is parsed)."""
 
-    def entries(states=None):
+    def entries(states=None, limit=None):
         """Iterate a ``mailspool.envelope.QueueEntry`` per message in ``states`` (default: all).
+
+        At most ``limit`` entries when given (the maildir lists each state
+        in name order, which is enqueue order; PostgreSQL oldest first).
 
         States are ``ready``, ``active``, ``deferred``, ``held`` and
         ``failed``. Reads envelopes and attempt records, never message
@@ -267,6 +276,23 @@ class IMailQueue(Interface):
 
     def listener():
         """Return an IQueueListener for a processor that waits for ``announce``."""
+
+
+class ITransactionalMailQueue(IMailQueue):
+    """A queue stored in the application's own database transaction (``PostgresQueue.bind(session)``).
+
+    ``QueuedMailDelivery`` given one writes the message at ``send()`` through
+    the application's database session instead of joining the transaction
+    as a resource of its own: the message and the application's rows commit
+    or roll back in one database commit.
+    """
+
+    def insert(envelope, data):
+        """Write the message in the session's current transaction now; return its queue id.
+
+        Raises ``QueueError`` when the database refuses the write; the
+        application's transaction must then be aborted (it cannot commit).
+        """
 
 
 class IQueueListener(Interface):

@@ -246,6 +246,26 @@ class MaildirQueue:
             raise
         return StagedFile(self, queue_id, envelope.not_before)
 
+    def insert_entry(self, queue_id, state, envelope, data, attempts, due_at=None):
+        """Add a message under its existing ``queue_id`` in ``state`` (``mailspool move``); False if already here.
+
+        Written to tmp/ and fsync'd, its attempt log too, then renamed into
+        place (a deferred message's mtime is its due time).
+        """
+        if not _is_plain_name(queue_id) or any(os.path.lexists(path) for _, path in self._locations(queue_id)):
+            return False
+        staged = self.add(envelope, data)
+        if attempts:
+            with open(self._path(LOG_DIR, queue_id), "wb") as log_file:
+                log_file.write(b"".join(attempt.to_line() for attempt in attempts))
+                log_file.flush()
+                os.fsync(log_file.fileno())
+        if state == DEFERRED and due_at is not None:
+            os.utime(staged._staged_path, (due_at, due_at))
+        os.rename(staged._staged_path, self._path(STATE_DIRS[state], queue_id))
+        fsync_directory(self._dir(state))
+        return True
+
     # -- processing --------------------------------------------------------
 
     def due(self, now=None, max_wait=None):
@@ -580,8 +600,12 @@ class MaildirQueue:
 
     # -- inspection and repair (the operator's side) ------------------------------
 
-    def entries(self, states=None):
+    def entries(self, states=None, limit=None):
         """See ``IMailQueue.entries``. Reads envelopes and attempt logs, never message bodies."""
+        found = self._entries(states)
+        return found if limit is None else itertools.islice(found, limit)
+
+    def _entries(self, states):
         logged = {entry.name for entry in _scan(os.path.join(self.path, LOG_DIR))}
         for state in states or STATE_DIRS:
             directories = ([entry.path for entry in self._claim_host_dirs()] if state == ACTIVE

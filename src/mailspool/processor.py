@@ -33,8 +33,8 @@ from zope.interface import implementer
 from mailspool import deliverylog, events
 from mailspool.envelope import Attempt
 from mailspool.exceptions import PermanentDeliveryError, QueueFileError, TransientDeliveryError
-from mailspool.interfaces import IMailQueue, IMailQueueProcessor
-from mailspool.maildir import MaildirQueue
+from mailspool.interfaces import IMailQueueProcessor
+from mailspool.delivery import open_queue
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class QueueProcessor:
     def __init__(self, queue, mailer, workers=1, clock=time.time, progress=None, **retry_settings):
         if int(workers) < 1:
             raise ValueError(f"workers must be at least 1, not {workers!r}")
-        self.queue = queue if IMailQueue.providedBy(queue) else MaildirQueue(queue)
+        self.queue = open_queue(queue)
         self.mailer = mailer
         self.workers = int(workers)
         self.retry_policy = RetryPolicy(**retry_settings)
@@ -167,14 +167,13 @@ class QueueProcessor:
             log.info("queue housekeeping: %s", housekeeping)
         if self._stopping.is_set():
             return summary
-        due_ids = list(self.queue.due(self._clock(), max_wait=self.retry_policy.longest_wait))
-        due = iter(due_ids)
+        claims, total = self._claims()
         with self._keeping_claims_alive():
             if self.workers == 1:
-                self._work(due, summary, len(due_ids))
+                self._work(claims, summary, total)
             else:
                 threads = [
-                    threading.Thread(target=self._work, args=(due, summary, len(due_ids)),
+                    threading.Thread(target=self._work, args=(claims, summary, total),
                                      name=f"mailspool-worker-{number}")
                     for number in range(self.workers)
                 ]
@@ -230,30 +229,54 @@ class QueueProcessor:
 
     # -- one worker ------------------------------------------------------------
 
-    def _work(self, due, summary, total):
-        """Claim and deliver ids from the shared ``due`` iterator until it is empty."""
+    def _claims(self):
+        """(next_claim, total): a thread-safe callable giving the next claim to deliver, or None when done.
+
+        With a queue that offers ``claim_next`` (PostgreSQL), each call claims
+        the next due message nobody holds; ``total`` is then an estimate for
+        progress displays. Otherwise the due ids are listed once and claimed
+        in turn; instead of a claim, one that cannot be read yields the
+        outcome "failed", one taken by someone else "skipped".
+        """
+        max_wait = self.retry_policy.longest_wait
+        claim_next = getattr(self.queue, "claim_next", None)
+        if claim_next is not None:
+            counts = self.queue.counts()
+            return (lambda: claim_next(self._clock(), max_wait=max_wait)), counts["ready"] + counts["deferred"]
+        due_ids = list(self.queue.due(self._clock(), max_wait=max_wait))
+        due = iter(due_ids)
+        lock = threading.Lock()
+
+        def next_listed():
+            with lock:
+                queue_id = next(due, None)
+            if queue_id is None:
+                return None
+            try:
+                claim = self.queue.claim(queue_id, self._clock(), max_wait=max_wait)
+            except QueueFileError as exc:
+                log.error("unreadable queue entry %s moved to failed: %s", queue_id, exc)
+                return "failed"
+            return "skipped" if claim is None else claim  # None: another processor has it, or not due now
+
+        return next_listed, len(due_ids)
+
+    def _work(self, next_claim, summary, total):
+        """Deliver claims from ``next_claim`` until it has none (or the processor is stopped)."""
         # One connection per worker for the whole run, where the mailer can.
         session = getattr(self.mailer, "session", contextlib.nullcontext)
         with session():
             while not self._stopping.is_set():
-                with self._lock:
-                    queue_id = next(due, None)
-                if queue_id is None:
+                claim = next_claim()
+                if claim is None:
                     return
-                outcome = self._claim_and_process(queue_id)
+                outcome = claim if isinstance(claim, str) else self._process_claimed(claim)
                 with self._lock:
                     setattr(summary, outcome, getattr(summary, outcome) + 1)
                     if self._progress is not None:
                         self._progress(summary, total)
 
-    def _claim_and_process(self, queue_id):
-        try:
-            claim = self.queue.claim(queue_id, self._clock(), max_wait=self.retry_policy.longest_wait)
-        except QueueFileError as exc:
-            log.error("unreadable queue entry %s moved to failed: %s", queue_id, exc)
-            return "failed"
-        if claim is None:
-            return "skipped"  # another processor has it, or it is no longer due
+    def _process_claimed(self, claim):
         with self._lock:
             self._in_flight.add(claim)
         try:

@@ -95,7 +95,7 @@ class Mailer:
         self.settings = settings
         self.transaction_manager = transaction_manager if transaction_manager is not None else transaction.manager
         if _parts is None:
-            queue = settings.make_queue(create=True) if settings.queue_path else None
+            queue = settings.make_queue(create=True) if settings.queue_location else None
             _parts = (settings.make_smtp_mailer(), settings.make_sendmail_mailer(), queue)
         self.smtp_mailer, self.sendmail_mailer, self.queue = _parts
         self.default_sender = settings.default_sender
@@ -105,20 +105,30 @@ class Mailer:
         """As pyramid_mailer's ``Mailer.from_settings``."""
         return cls(settings_from_pyramid(pyramid_settings, prefix))
 
-    def bind(self, transaction_manager=None, **unsupported):
-        """A mailer joined to ``transaction_manager`` (pyramid_tm's ``request.tm``)."""
+    def bind(self, transaction_manager=None, dbsession=None, **unsupported):
+        """A mailer joined to ``transaction_manager`` (pyramid_tm's ``request.tm``).
+
+        With a PostgreSQL queue and ``dbsession`` (the request's SQLAlchemy
+        session, registered with zope.sqlalchemy), ``send_to_queue`` writes
+        through that session: the mail commits with the request's rows.
+        """
         if unsupported:
             raise TypeError(f"bind() does not take {', '.join(sorted(unsupported))}")
-        return Mailer(self.settings, transaction_manager, (self.smtp_mailer, self.sendmail_mailer, self.queue))
+        queue = self.queue
+        if dbsession is not None:
+            if not hasattr(queue, "bind"):
+                raise ConfigError("a dbsession needs a PostgreSQL queue: set mail.queue_url", key="queue_session")
+            queue = queue.bind(dbsession, transaction_manager)
+        return Mailer(self.settings, transaction_manager, (self.smtp_mailer, self.sendmail_mailer, queue))
 
     def send(self, message):
         """Send over SMTP when the transaction commits (checked in its vote)."""
         return self._deliver(DirectMailDelivery(self.smtp_mailer, self.transaction_manager), message)
 
     def send_to_queue(self, message):
-        """Queue at commit, for a processor to deliver (``mail.queue_path`` must be set)."""
+        """Queue at commit, for a processor to deliver (``mail.queue_path`` or ``mail.queue_url`` must be set)."""
         if self.queue is None:
-            raise ConfigError("send_to_queue() needs a queue: set mail.queue_path", key="queue_path")
+            raise ConfigError("send_to_queue() needs a queue: set mail.queue_path or mail.queue_url", key="queue_path")
         return self._deliver(QueuedMailDelivery(self.queue, self.transaction_manager), message)
 
     def send_sendmail(self, message):
@@ -153,9 +163,18 @@ class Mailer:
 
 
 def get_mailer(request):
-    """The application's mailer, bound to ``request.tm`` when pyramid_tm provides one (as pyramid_mailer's)."""
+    """The application's mailer, bound to ``request.tm`` when pyramid_tm provides one (as pyramid_mailer's).
+
+    With ``mail.queue_session = dbsession`` (the name of the request
+    attribute holding the SQLAlchemy session) and a PostgreSQL queue, it is
+    also bound to that session (see ``Mailer.bind``).
+    """
     mailer = request.registry.getUtility(IPyramidMailer)
     manager = getattr(request, "tm", None)
+    attribute = getattr(mailer, "settings", None) and mailer.settings.queue_session
+    dbsession = getattr(request, attribute) if attribute else None
+    if dbsession is not None:
+        return mailer.bind(transaction_manager=manager, dbsession=dbsession)
     return mailer.bind(transaction_manager=manager) if manager is not None else mailer
 
 
@@ -179,7 +198,7 @@ def includeme(config_):
     _set_mailer(config_, mailer)
     if settings.processor_thread:
         if mailer.queue is None:
-            raise ConfigError("mail.processor_thread needs mail.queue_path", key="processor_thread")
+            raise ConfigError("mail.processor_thread needs mail.queue_path or mail.queue_url", key="processor_thread")
 
         def start_processor(event):
             from mailspool.processor import QueueProcessorThread

@@ -1008,8 +1008,8 @@ def subcommand_names():
     return sorted(subparsers.choices)
 
 
-SUBCOMMANDS = ["debug-server", "delete", "demo", "hold", "list", "release", "retry", "run", "send-test", "sendmail",
-               "show", "status"]
+SUBCOMMANDS = ["db", "debug-server", "delete", "demo", "hold", "list", "move", "release", "retry", "run",
+               "send-test", "sendmail", "show", "status"]
 
 
 def test_the_help_test_covers_every_subcommand():

@@ -1,0 +1,239 @@
+"""The PostgreSQL queue: enqueue in the application's own commit, and the processor on top of it.
+
+A real throwaway PostgreSQL server (conftest.py), a real aiosmtpd server on
+127.0.0.1, real transactions through zope.sqlalchemy.
+"""
+
+import sqlalchemy as sa
+import pytest
+import transaction
+from sqlalchemy.orm import sessionmaker
+from zope.sqlalchemy import mark_changed, register
+
+from mailspool import QueuedMailDelivery, QueueProcessor, SMTPMailer
+from mailspool.exceptions import QueueError, TransactionNotBegun
+from mailspool.postgresql import PostgresQueue
+from mailspool.sink import free_port as find_free_port
+
+SENDER = "shop@example.org"
+EMPTY = {"ready": 0, "active": 0, "deferred": 0, "held": 0, "failed": 0}
+
+
+@pytest.fixture
+def free_port():
+    return find_free_port()
+
+
+def message(number):
+    return b"Subject: order %d\r\nMessage-Id: <order-%d@example.org>\r\n\r\nThanks.\r\n" % (number, number)
+
+
+@pytest.fixture
+def queue(pg_engine):
+    queue = PostgresQueue(pg_engine)
+    queue.create_schema()
+    return queue
+
+
+@pytest.fixture
+def orders(pg_engine):
+    """An application table; its unique constraint is checked only at commit (DEFERRABLE INITIALLY DEFERRED)."""
+    with pg_engine.begin() as connection:
+        connection.execute(sa.text(
+            "CREATE TABLE orders (id serial PRIMARY KEY, number int NOT NULL, "
+            "CONSTRAINT orders_number_unique UNIQUE (number) DEFERRABLE INITIALLY DEFERRED)"))
+
+    def numbers():
+        with pg_engine.begin() as connection:
+            return sorted(connection.execute(sa.text("SELECT number FROM orders")).scalars())
+
+    return numbers
+
+
+@pytest.fixture
+def app(pg_engine, queue, manager):
+    """A pyramid_tm-style request: a session registered with zope.sqlalchemy on an explicit manager."""
+    sessions = []
+
+    def request():
+        session = sessionmaker(bind=pg_engine)()
+        register(session, transaction_manager=manager)
+        sessions.append(session)
+        return session, QueuedMailDelivery(queue.bind(session, manager), transaction_manager=manager)
+
+    yield request
+    for session in sessions:
+        session.close()
+
+
+def place_order(session, number, manager):
+    session.execute(sa.text("INSERT INTO orders (number) VALUES (:number)"), {"number": number})
+    mark_changed(session, manager)
+
+
+def queued_subjects(queue):
+    return sorted(queue.read_message(entry.queue_id).split(b"\r\n")[0] for entry in queue.entries())
+
+
+# -- enqueue in the application's commit ---------------------------------------------------------------------
+
+
+def test_the_mail_and_the_application_row_commit_together(app, manager, queue, orders):
+    session, delivery = app()
+    with manager:
+        place_order(session, 1, manager)
+        delivery.send(SENDER, ["alice@example.org"], message(1))
+
+    assert orders() == [1]
+    assert queue.counts() == dict(EMPTY, ready=1)
+    assert queued_subjects(queue) == [b"Subject: order 1"]
+
+
+def test_a_rollback_leaves_neither(app, manager, queue, orders):
+    session, delivery = app()
+    with pytest.raises(RuntimeError):
+        with manager:
+            place_order(session, 1, manager)
+            delivery.send(SENDER, ["alice@example.org"], message(1))
+            raise RuntimeError("the view failed")
+
+    assert orders() == []
+    assert queue.counts() == EMPTY
+
+
+def test_a_savepoint_rollback_removes_the_mail_sent_after_it_only(app, manager, queue, orders):
+    session, delivery = app()
+    with manager:
+        place_order(session, 1, manager)
+        delivery.send(SENDER, ["alice@example.org"], message(1))
+        savepoint = manager.savepoint()
+        place_order(session, 2, manager)
+        delivery.send(SENDER, ["alice@example.org"], message(2))
+        savepoint.rollback()
+
+    assert orders() == [1]
+    assert queued_subjects(queue) == [b"Subject: order 1"]
+
+
+def test_a_constraint_violation_at_commit_leaves_neither(app, manager, queue, orders):
+    session, delivery = app()
+    with manager:
+        place_order(session, 1, manager)
+    session, delivery = app()
+    with pytest.raises(sa.exc.IntegrityError):
+        with manager:
+            place_order(session, 1, manager)  # the duplicate is only found by COMMIT
+            delivery.send(SENDER, ["alice@example.org"], message(2))
+
+    assert orders() == [1]
+    assert queue.counts() == EMPTY
+
+
+def test_send_outside_a_transaction_is_refused(app, manager, queue):
+    _, delivery = app()
+    with pytest.raises(TransactionNotBegun):
+        delivery.send(SENDER, ["alice@example.org"], message(1))
+    assert queue.counts() == EMPTY
+
+
+# -- enqueue with a connection of its own (a URL or an engine) --------------------------------------------------
+
+
+def test_given_a_url_the_queue_joins_the_transaction_and_an_abort_leaves_nothing(postgres_url, queue, manager,
+                                                                                 request):
+    delivery = QueuedMailDelivery(postgres_url, transaction_manager=manager)
+    assert isinstance(delivery.queue, PostgresQueue)
+    request.addfinalizer(delivery.queue.close)
+    with pytest.raises(RuntimeError):
+        with manager:
+            delivery.send(SENDER, ["alice@example.org"], message(1))
+            raise RuntimeError("the view failed")
+    assert queue.counts() == EMPTY
+
+    with manager:
+        delivery.send(SENDER, ["alice@example.org"], message(2))
+    assert queued_subjects(queue) == [b"Subject: order 2"]
+
+
+def test_an_unreachable_database_fails_the_commit_with_a_clear_error(manager, free_port, request):
+    queue = PostgresQueue(f"postgresql://mailspool:secret-pw@127.0.0.1:{free_port}/nowhere")
+    request.addfinalizer(queue.close)
+    delivery = QueuedMailDelivery(queue, transaction_manager=manager)
+    committed = []
+    with pytest.raises(QueueError) as info:
+        with manager:
+            delivery.send(SENDER, ["alice@example.org"], message(1))
+            manager.get().addAfterCommitHook(lambda status: committed.append(status))
+
+    assert f"127.0.0.1:{free_port}/nowhere" in str(info.value)
+    assert "secret-pw" not in str(info.value)
+    assert committed == [False]
+
+
+def test_a_queue_without_its_schema_says_how_to_create_it(pg_engine, manager):
+    delivery = QueuedMailDelivery(PostgresQueue(pg_engine), transaction_manager=manager)
+    with pytest.raises(QueueError, match="mailspool db init"):
+        with manager:
+            delivery.send(SENDER, ["alice@example.org"], message(1))
+
+
+# -- the processor on PostgreSQL --------------------------------------------------------------------------------
+
+
+def commit(queue, manager, count, recipients=("alice@example.org",)):
+    delivery = QueuedMailDelivery(queue, transaction_manager=manager)
+    with manager:
+        for number in range(count):
+            delivery.send(SENDER, list(recipients), message(number))
+
+
+def test_the_processor_delivers_defers_and_fails_as_on_the_maildir(queue, manager, scripted_server, clock):
+    commit(queue, manager, 1, recipients=("alice@example.org", "bob@example.org", "carol@example.org"))
+    scripted_server.handler.rcpt_replies = {"bob@example.org": "550 5.1.1 no such user",
+                                            "carol@example.org": "450 4.2.1 mailbox busy"}
+    processor = QueueProcessor(queue, SMTPMailer(scripted_server.host, scripted_server.port, tls="none"),
+                               clock=clock)
+
+    first = processor.run_once()
+    assert (first.sent, first.deferred, first.failed) == (0, 1, 0)
+    (entry,) = queue.entries(["deferred"])
+    assert entry.due_at > clock() and "carol@example.org: 450" in entry.last_reply
+    assert processor.run_once().deferred == 0  # not due yet: a due time, not a sleep
+
+    scripted_server.handler.rcpt_replies = {"bob@example.org": "550 5.1.1 no such user"}
+    clock.advance(3600)
+    second = processor.run_once()
+
+    assert (second.sent, second.deferred, second.failed) == (0, 0, 1)  # bob refused for good
+    received = [(sender, recipients) for sender, recipients, _ in scripted_server.handler.received]
+    assert received == [(SENDER, ("alice@example.org",)), (SENDER, ("carol@example.org",))]
+    (failed,) = queue.entries(["failed"])
+    assert "bob@example.org: 550" in failed.last_reply
+    assert queue.counts() == dict(EMPTY, failed=1)
+
+
+def test_delivered_rows_are_deleted_or_kept_for_audit(pg_engine, manager, smtp_sink, clock):
+    queue = PostgresQueue(pg_engine, keep_sent=3600)
+    queue.create_schema()
+    commit(queue, manager, 2)
+    QueueProcessor(queue, SMTPMailer(smtp_sink.host, smtp_sink.port, tls="none"), clock=clock).run_once()
+
+    with pg_engine.begin() as connection:
+        kept = connection.execute(sa.text("SELECT count(*) FROM mailspool_message WHERE state = 'sent'")).scalar()
+    assert kept == 2 and queue.counts() == EMPTY
+    assert queue.cleanup(now=clock() + 60)["sent_rows_purged"] == 0
+    assert queue.cleanup(now=clock() + 3700)["sent_rows_purged"] == 2
+
+
+def test_operators_hold_release_retry_and_delete(queue, manager):
+    commit(queue, manager, 2)
+    first, second = (entry.queue_id for entry in queue.entries())
+
+    assert queue.hold(first) == "ready"
+    assert queue.counts() == dict(EMPTY, ready=1, held=1)
+    assert queue.unhold(first) == "held"
+    assert queue.requeue(first) is None  # ready already
+    assert queue.delete(second) == "ready"
+    assert queue.delete(second) is None
+    assert queue.entry(second) is None
+    assert queue.counts() == dict(EMPTY, ready=1)
