@@ -248,6 +248,21 @@ class IMailQueue(Interface):
     def read_message(queue_id):
         """The message bytes of ``queue_id``; ``KeyError`` if there is no such message."""
 
+    def insert_entry(queue_id, state, envelope, data, attempts, due_at=None):
+        """Add a message under an id it already has, in ``state``, with its attempt history (``mailspool move``).
+
+        ``due_at`` (epoch seconds) is a deferred message's due time. Returns
+        False, writing nothing, when ``queue_id`` is already in this queue,
+        so that a move run again never writes a message twice. Raises
+        ``QueueError`` when the queue cannot be written.
+        """
+
+    # Optional, for inspection: ``summary()`` returns what ``mailspool
+    # status`` shows without reading every entry (PostgresQueue: indexed
+    # queries); ``verify()`` raises ``QueueError`` saying what is wrong when
+    # the storage cannot be used (a database unreachable or without its
+    # tables). Commands use them where a queue offers them.
+
     def requeue(queue_id, now=None):
         """Make a failed, deferred or held message ready now; return the state it was in, or None.
 

@@ -4,6 +4,8 @@ A real throwaway PostgreSQL server (conftest.py), a real aiosmtpd server on
 127.0.0.1, real transactions through zope.sqlalchemy.
 """
 
+import time
+
 import sqlalchemy as sa
 import pytest
 import transaction
@@ -11,6 +13,7 @@ from sqlalchemy.orm import sessionmaker
 from zope.sqlalchemy import mark_changed, register
 
 from mailspool import QueuedMailDelivery, QueueProcessor, SMTPMailer
+from mailspool.envelope import Envelope
 from mailspool.exceptions import QueueError, TransactionNotBegun
 from mailspool.postgresql import PostgresQueue
 from mailspool.sink import free_port as find_free_port
@@ -237,3 +240,23 @@ def test_operators_hold_release_retry_and_delete(queue, manager):
     assert queue.delete(second) is None
     assert queue.entry(second) is None
     assert queue.counts() == dict(EMPTY, ready=1)
+
+
+def test_the_postgresql_queue_keeps_the_contracts_of_record(queue, manager, app):
+    from zope.interface.verify import verifyObject
+
+    from mailspool.interfaces import (IClaimedMessage, IMailQueue, IQueueListener, IStagedMessage,
+                                      ITransactionalMailQueue)
+
+    session, _ = app()
+    assert verifyObject(IMailQueue, queue)
+    assert verifyObject(ITransactionalMailQueue, queue.bind(session, manager))
+    staged = queue.add(Envelope(SENDER, ("alice@example.org",), "<contract@example.org>", time.time()), message(1))
+    assert verifyObject(IStagedMessage, staged)
+    staged.publish()
+    assert verifyObject(IClaimedMessage, queue.claim_next())
+    listener = queue.listener()
+    try:
+        assert verifyObject(IQueueListener, listener)
+    finally:
+        listener.close()
