@@ -29,6 +29,7 @@ Every database error is raised as ``QueueError`` (an ``OSError``) naming the
 database, never its password.
 """
 
+import contextlib
 import datetime
 import json
 import logging
@@ -48,7 +49,6 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.exc import SQLAlchemyError
 from zope.interface import implementer
-from zope.sqlalchemy import mark_changed
 
 from mailspool.envelope import Attempt, Envelope, QueueEntry
 from mailspool.exceptions import QueueError
@@ -90,11 +90,15 @@ message_table = Table(
     sqlalchemy.CheckConstraint(
         "state IN ('staged', 'ready', 'active', 'deferred', 'held', 'failed', 'sent')", name="mailspool_state"),
 )
-# What claims look for: the due rows, oldest first (a partial index stays small).
-Index("mailspool_message_due", message_table.c.due_at,
-      postgresql_where=message_table.c.state.in_(("ready", "deferred")))
+# What claims look for, oldest first; partial indexes stay small.
+Index("mailspool_message_ready", message_table.c.due_at, message_table.c.id,
+      postgresql_where=message_table.c.state == "ready")
+Index("mailspool_message_deferred", message_table.c.due_at, message_table.c.id,
+      postgresql_where=message_table.c.state == "deferred")
 Index("mailspool_message_state", message_table.c.state)
 Index("mailspool_message_created", message_table.c.created_at)
+Index("mailspool_message_scheduled", message_table.c.due_at,
+      postgresql_where=sqlalchemy.and_(message_table.c.state == "deferred", message_table.c.attempt_count == 0))
 Index("mailspool_message_last_attempt", message_table.c.last_attempt_at,
       postgresql_where=message_table.c.last_attempt_at.isnot(None))
 Index("mailspool_message_lease", message_table.c.lease_expires, postgresql_where=message_table.c.state == "active")
@@ -105,6 +109,36 @@ schema_table = Table(
 )
 
 _COLUMNS_BUT_DATA = [column for column in message_table.c if column.name != "data"]
+
+# Joined into a claim or a removal so that its commit does not wait for the WAL
+# flush (``synchronous_commit`` off for that transaction alone) in the same
+# round trip: a database crash can undo such a commit, which only ever means a
+# message is claimed (and maybe sent) once more, never that one is lost.
+_ASYNCHRONOUS_COMMIT = sql_select(
+    func.set_config("synchronous_commit", "off", True).label("setting")).subquery("asynchronous_commit")
+
+# The processor's hot path, written out (claim_next, complete); see _claimable_groups for the kinds.
+_CLAIM_SQL = """
+UPDATE mailspool_message SET state = 'active', lease_owner = %(owner)s, lease_expires = %(lease_expires)s
+FROM (SELECT set_config('synchronous_commit', 'off', true) AS setting) AS asynchronous_commit
+WHERE asynchronous_commit.setting IS NOT NULL AND id = (
+    SELECT id FROM mailspool_message WHERE {where} ORDER BY {order} LIMIT 1 FOR UPDATE SKIP LOCKED)
+RETURNING queue_id, sender, recipients, message_id, created_at, not_before, attempts, data
+"""
+_READY = _CLAIM_SQL.format(where="state = 'ready'", order="due_at, id")
+_DEFERRED_DUE = _CLAIM_SQL.format(where="state = 'deferred' AND due_at <= %(now)s", order="due_at, id")
+_CLOCK_BACK = _CLAIM_SQL.format(where="state = 'deferred' AND due_at > %(far)s AND attempt_count > 0",
+                                order="due_at, id")
+_ABANDONED = _CLAIM_SQL.format(where="state = 'active' AND lease_expires < %(now)s", order="lease_expires")
+_CLAIM_DUE = (_READY, _DEFERRED_DUE, _ABANDONED)
+_CLAIM_DUE_OR_CLOCK_BACK = (_READY, _DEFERRED_DUE, _CLOCK_BACK, _ABANDONED)
+_CLAIM_ANY_TIME = (_READY, _CLAIM_SQL.format(where="state = 'deferred'", order="due_at, id"),
+                   _CLAIM_SQL.format(where="state = 'active' AND lease_expires < now()", order="lease_expires"))
+_REMOVE_SQL = """
+DELETE FROM mailspool_message
+USING (SELECT set_config('synchronous_commit', 'off', true) AS setting) AS asynchronous_commit
+WHERE asynchronous_commit.setting IS NOT NULL AND queue_id = %(queue_id)s AND lease_owner = %(owner)s
+"""
 
 
 def _ts(epoch):
@@ -122,7 +156,7 @@ def engine_for(url_or_engine):
     url = sqlalchemy.engine.make_url(str(url_or_engine))
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg")
-    return sqlalchemy.create_engine(url, pool_pre_ping=True)
+    return sqlalchemy.create_engine(url)
 
 
 @implementer(IStagedMessage)
@@ -228,13 +262,12 @@ class PostgresQueue:
 
     def verify(self):
         """Connect and check the schema version; QueueError saying what is wrong (and how to fix it) if not."""
-        with self._transaction(check_schema=False) as connection:
+        with self._transaction(check_schema=False, single_statement=True) as connection:
             self._check_schema(connection)
 
     def _check_schema(self, connection):
         try:
-            with connection.begin_nested():
-                found = connection.execute(sql_select(schema_table.c.version)).scalars().all()
+            found = connection.execute(sql_select(schema_table.c.version)).scalars().all()
         except sqlalchemy.exc.ProgrammingError:
             found = []
         if found != [SCHEMA_VERSION]:
@@ -244,37 +277,25 @@ class PostgresQueue:
                 self.name)
         self._schema_checked = True
 
-    class _Transaction:
-        def __init__(self, queue, check_schema):
-            self.queue = queue
-            self.check_schema = check_schema
-            self.context = None
+    @contextlib.contextmanager
+    def _transaction(self, check_schema=True, single_statement=False):
+        """A connection in a transaction that commits on success; database errors become QueueError.
 
-        def __enter__(self):
-            try:
-                self.context = self.queue.engine.begin()
-                connection = self.context.__enter__()
-            except SQLAlchemyError as exc:
-                raise self.queue._error(exc) from exc
-            if self.check_schema and not self.queue._schema_checked:
-                try:
-                    self.queue._check_schema(connection)
-                except BaseException as exc:
-                    self.__exit__(type(exc), exc, exc.__traceback__)
-                    if isinstance(exc, SQLAlchemyError):
-                        raise self.queue._error(exc) from exc
-                    raise
-            return connection
-
-        def __exit__(self, kind, value, traceback):
-            try:
-                return self.context.__exit__(kind, value, traceback)
-            except SQLAlchemyError as exc:
-                raise self.queue._error(exc) from exc
-
-    def _transaction(self, check_schema=True):
-        """A connection in a transaction that commits on success; database errors become QueueError."""
-        return PostgresQueue._Transaction(self, check_schema)
+        ``single_statement``: no transaction around, each statement commits
+        by itself in one round trip (claims and removals, which are single
+        statements anyway).
+        """
+        if check_schema and not self._schema_checked:
+            self.verify()
+        try:
+            with self.engine.connect() as connection:
+                if single_statement:
+                    yield connection.execution_options(isolation_level="AUTOCOMMIT")
+                else:
+                    with connection.begin():
+                        yield connection
+        except SQLAlchemyError as exc:
+            raise self._error(exc) from exc
 
     def _error(self, exc):
         reason = getattr(exc, "orig", None) or exc
@@ -303,23 +324,30 @@ class PostgresQueue:
 
     # -- processing ------------------------------------------------------------
 
-    def _claimable(self, now, max_wait):
-        """Rows a processor may claim at ``now``: due, or abandoned by a processor whose lease ran out.
+    def _claimable_groups(self, now, max_wait):
+        """The kinds of rows a processor may claim at ``now``, in the order they are taken.
 
-        ``now`` may be ``math.inf``: every deferred row is due then (``mailspool move``).
+        Ready rows (whatever the clocks say: ``due_at`` only orders them),
+        deferred rows that are due, retries due further ahead than any
+        back-off (the clock went back, see ``IMailQueue.due``), and claims
+        whose lease ran out. Each kind is one range of a partial index.
+        ``now`` may be ``math.inf``: every deferred row is due then
+        (``mailspool move``).
         """
+        c = message_table.c
+        by_due = (c.due_at, c.id)
+        abandoned = and_(c.state == "active", c.lease_expires < (func.now() if now == math.inf else _ts(now)))
         if now == math.inf:
-            return or_(message_table.c.state.in_(("ready", "deferred")),
-                       and_(message_table.c.state == "active", message_table.c.lease_expires < func.now()))
-        due = message_table.c.due_at <= _ts(now)
+            return [(c.state == "ready", by_due), (c.state == "deferred", by_due), (abandoned, (c.lease_expires,))]
+        groups = [(c.state == "ready", by_due), (and_(c.state == "deferred", c.due_at <= _ts(now)), by_due)]
         if max_wait is not None:
-            # A retry due further ahead than any back-off: the clock went back (see IMailQueue.due).
-            due = or_(due, and_(message_table.c.due_at > _ts(now + max_wait), message_table.c.attempt_count > 0))
-        return or_(
-            message_table.c.state == "ready",  # whatever the clocks say (due_at only orders them)
-            and_(message_table.c.state == "deferred", due),
-            and_(message_table.c.state == "active", message_table.c.lease_expires < _ts(now)),
-        )
+            groups.append((and_(c.state == "deferred", c.due_at > _ts(now + max_wait), c.attempt_count > 0), by_due))
+        groups.append((abandoned, (c.lease_expires,)))
+        return groups
+
+    def _claimable(self, now, max_wait):
+        """Rows a processor may claim at ``now`` (see ``_claimable_groups``)."""
+        return or_(*(where for where, _ in self._claimable_groups(now, max_wait)))
 
     def due(self, now=None, max_wait=None):
         """See ``IMailQueue.due``: ready and due rows, oldest due first, unleased ones only."""
@@ -336,36 +364,60 @@ class PostgresQueue:
         candidate = (sql_select(message_table.c.id)
                      .where(message_table.c.queue_id == queue_id, self._claimable(now, max_wait))
                      .with_for_update(skip_locked=True).scalar_subquery())
-        return self._lease(candidate, now)
+        return self._lease([candidate], now)
 
     def claim_next(self, now=None, max_wait=None):
         """Claim the message due first that nobody holds; None when nothing is due.
 
         The processor uses this where a queue offers it: concurrent
         processors each take a different row (``SKIP LOCKED``) instead of
-        contending for the same ids from the same list.
+        contending for the same ids from the same list. The kinds of rows of
+        ``_claimable_groups`` are tried in turn, each with one statement
+        that commits by itself, without waiting for the WAL flush (see
+        ``_ASYNCHRONOUS_COMMIT``); the hot path's SQL is written out, not
+        built per call.
         """
         now = time.time() if now is None else now
-        candidate = (sql_select(message_table.c.id).where(self._claimable(now, max_wait))
-                     .order_by(message_table.c.due_at, message_table.c.id).limit(1)
-                     .with_for_update(skip_locked=True).scalar_subquery())
-        return self._lease(candidate, now)
+        if now == math.inf:
+            kinds, parameters = _CLAIM_ANY_TIME, {}
+        else:
+            kinds = _CLAIM_DUE if max_wait is None else _CLAIM_DUE_OR_CLOCK_BACK
+            parameters = {"now": _ts(now), "far": _ts(now + (max_wait or 0))}
+            now_for_lease = now
+        if now == math.inf:
+            now_for_lease = time.time()
+        parameters.update(owner=self.owner, lease_expires=_ts(now_for_lease + self.lease_seconds))
+        with self._transaction(single_statement=True) as connection:
+            for statement in kinds:
+                row = connection.exec_driver_sql(statement, parameters).first()
+                if row is not None:
+                    return self._claimed(row)
+        return None
 
-    def _lease(self, candidate, now):
-        if now == math.inf:  # (see _claimable) the lease runs from the present
+    def _lease(self, candidates, now):
+        """Lease the first row any of ``candidates`` (id subqueries, tried in turn) finds; a ClaimedRow or None.
+
+        Each try is one statement committed by itself, without waiting for
+        the WAL flush (see ``_ASYNCHRONOUS_COMMIT``).
+        """
+        if now == math.inf:  # (see _claimable_groups) the lease runs from the present
             now = time.time()
-        statement = (message_table.update().where(message_table.c.id == candidate)
-                     .values(state="active", lease_owner=self.owner, lease_expires=_ts(now + self.lease_seconds))
-                     .returning(message_table.c.queue_id, message_table.c.sender, message_table.c.recipients,
-                                message_table.c.message_id, message_table.c.created_at, message_table.c.not_before,
-                                message_table.c.attempts, message_table.c.data))
-        with self._transaction() as connection:
-            row = connection.execute(statement).first()
-        if row is None:
-            return None
-        envelope = Envelope(row.sender, tuple(row.recipients), row.message_id, _epoch(row.created_at),
-                            _epoch(row.not_before))
-        return ClaimedRow(row.queue_id, envelope, _attempts(row.attempts), bytes(row.data), self.owner)
+        c = message_table.c
+        with self._transaction(single_statement=True) as connection:
+            for candidate in candidates:
+                row = connection.execute(
+                    message_table.update().where(c.id == candidate, _ASYNCHRONOUS_COMMIT.c.setting.isnot(None))
+                    .values(state="active", lease_owner=self.owner, lease_expires=_ts(now + self.lease_seconds))
+                    .returning(c.queue_id, c.sender, c.recipients, c.message_id, c.created_at, c.not_before,
+                               c.attempts, c.data)).first()
+                if row is not None:
+                    return self._claimed(row)
+        return None
+
+    def _claimed(self, row):
+        queue_id, sender, recipients, message_id, created_at, not_before, attempts, data = row
+        envelope = Envelope(sender, tuple(recipients), message_id, _epoch(created_at), _epoch(not_before))
+        return ClaimedRow(queue_id, envelope, _attempts(attempts), bytes(data), self.owner)
 
     def _settle(self, claim, **values):
         """Update a claimed row, if this processor still holds it; QueueError if the lease was lost."""
@@ -390,9 +442,9 @@ class PostgresQueue:
         if self.keep_sent > 0:
             self._settle(claim, state="sent", settled_at=_ts(time.time()))
             return
-        with self._transaction() as connection:
-            connection.execute(message_table.delete().where(
-                message_table.c.queue_id == claim.queue_id, message_table.c.lease_owner == claim.lease_owner))
+        with self._transaction(single_statement=True) as connection:
+            # As for claims: a crash that undoes this can only mean one more delivery, never a lost one.
+            connection.exec_driver_sql(_REMOVE_SQL, {"queue_id": claim.queue_id, "owner": claim.lease_owner})
 
     def defer(self, claim, attempt, until):
         """See ``IMailQueue.defer``: a due time, not a sleep."""
@@ -593,7 +645,10 @@ class SessionQueue:
         except SQLAlchemyError as exc:
             raise self.queue._error(exc) from exc
         # zope.sqlalchemy commits a session only when it knows it wrote something;
-        # Core statements do not tell it (ORM flushes do).
+        # Core statements do not tell it (ORM flushes do). Imported here: it
+        # brings in the ORM, which the commands never need.
+        from zope.sqlalchemy import mark_changed
+
         if self.transaction_manager is None:
             mark_changed(self.session)
         else:
