@@ -40,10 +40,12 @@ import fcntl
 import itertools
 import logging
 import os
+import queue as queue_module
 import re
 import secrets
 import socket
 import stat
+import threading
 import time
 
 import filelock
@@ -92,6 +94,33 @@ def unique_name(now=None):
 # What unique_name() makes: a file in new/ named like this was written by
 # mailspool, so the legacy import never has to open it to find out.
 _OUR_QUEUE_ID = re.compile(r"\d+\.M\d{6}P\d+Q\d+R[0-9a-f]{8}\.")
+
+
+class _BackgroundCloser:
+    """Closes file descriptors in a daemon thread (see ``MaildirQueue.complete``). ``close`` never raises."""
+
+    def __init__(self):
+        self._pending = queue_module.SimpleQueue()
+        self._thread = None
+        self._lock = threading.Lock()
+
+    def close(self, fd):
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="mailspool-closer", daemon=True)
+                self._thread.start()
+        self._pending.put(fd)
+
+    def _run(self):
+        while True:
+            fd = self._pending.get()
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+_background_closer = _BackgroundCloser()
 
 
 def fsync_directory(path):
@@ -391,9 +420,15 @@ class MaildirQueue:
         undoes the unlink can only bring a delivered message back (the
         duplicate window every at-least-once queue has), never lose one, and
         the fsync would cost more than the rest of the queue work together.
+        The file's descriptor is closed by a background thread: closing the
+        last descriptor of an unlinked file frees its blocks (about 0.2 ms
+        on ext4, half of the queue's work per message), and nothing can
+        reach the file any more, so its lock no longer matters.
         """
         os.unlink(claim.path)
-        claim._close()
+        fd, claim._fd = claim._fd, None
+        if fd is not None:
+            _background_closer.close(fd)
         if claim._has_log:
             _unlink_quietly(self._path(LOG_DIR, claim.queue_id))
 
