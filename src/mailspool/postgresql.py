@@ -378,15 +378,13 @@ class PostgresQueue:
         built per call.
         """
         now = time.time() if now is None else now
-        if now == math.inf:
-            kinds, parameters = _CLAIM_ANY_TIME, {}
+        if now == math.inf:  # (see _claimable_groups) the lease runs from the present
+            kinds, parameters, lease_from = _CLAIM_ANY_TIME, {}, time.time()
         else:
             kinds = _CLAIM_DUE if max_wait is None else _CLAIM_DUE_OR_CLOCK_BACK
             parameters = {"now": _ts(now), "far": _ts(now + (max_wait or 0))}
-            now_for_lease = now
-        if now == math.inf:
-            now_for_lease = time.time()
-        parameters.update(owner=self.owner, lease_expires=_ts(now_for_lease + self.lease_seconds))
+            lease_from = now
+        parameters.update(owner=self.owner, lease_expires=_ts(lease_from + self.lease_seconds))
         with self._transaction(single_statement=True) as connection:
             for statement in kinds:
                 row = connection.exec_driver_sql(statement, parameters).first()

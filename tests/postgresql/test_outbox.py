@@ -260,3 +260,19 @@ def test_the_postgresql_queue_keeps_the_contracts_of_record(queue, manager, app)
         assert verifyObject(IQueueListener, listener)
     finally:
         listener.close()
+
+
+def test_a_retry_deferred_before_the_clock_went_back_is_claimed_but_a_scheduled_message_waits(queue, manager):
+    from mailspool.envelope import Attempt
+
+    commit(queue, manager, 1)
+    delivery = QueuedMailDelivery(queue, transaction_manager=manager)
+    with manager:
+        delivery.send(SENDER, ["bob@example.org"], message(7), delay=3 * 86400)  # scheduled, never attempted
+    claim = queue.claim_next()
+    now = time.time()
+    queue.defer(claim, Attempt(at=now, error="451 4.3.0 try later"), until=now + 86400 + 60)  # a day "back"
+
+    assert queue.claim_next(now, max_wait=3900) is not None  # further ahead than any back-off: due now
+    assert queue.claim_next(now, max_wait=3900) is None  # the scheduled one keeps its time
+    assert queue.counts() == dict(EMPTY, active=1, deferred=1)
