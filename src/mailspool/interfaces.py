@@ -181,7 +181,10 @@ class IMailQueue(Interface):
     # Optional: a queue may also offer ``claim_next(now=None, max_wait=None)``,
     # which claims the due message that comes first and nobody holds (None
     # when nothing is due). Processors use it instead of ``due``/``claim``
-    # where it exists (PostgresQueue: one UPDATE ... SKIP LOCKED per message).
+    # where it exists (PostgresQueue: one UPDATE ... SKIP LOCKED leases a few
+    # rows, handed out one per call); such a queue may also offer
+    # ``release_unused()``, which processors call after each run to give
+    # back what was leased ahead and not delivered.
 
     def claim(queue_id, now=None, max_wait=None):
         """Take the message for exclusive processing; return an IClaimedMessage or None.

@@ -29,6 +29,7 @@ Every database error is raised as ``QueueError`` (an ``OSError``) naming the
 database, never its password.
 """
 
+import collections
 import contextlib
 import datetime
 import json
@@ -60,6 +61,9 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 CHANNEL = "mailspool"
 DEFAULT_LEASE_SECONDS = 300.0
+# Rows leased per claim statement: fewer statements per message, while a
+# batch stays small enough to be sent well within its lease.
+DEFAULT_CLAIM_BATCH = 4
 # A row staged in tpc_vote whose transaction never finished (the process died).
 STALE_STAGED_SECONDS = 24 * 3600
 # The states of IMailQueue; the table also has 'staged' (not yet committed
@@ -121,9 +125,9 @@ _ASYNCHRONOUS_COMMIT = sql_select(
 _CLAIM_SQL = """
 UPDATE mailspool_message SET state = 'active', lease_owner = %(owner)s, lease_expires = %(lease_expires)s
 FROM (SELECT set_config('synchronous_commit', 'off', true) AS setting) AS asynchronous_commit
-WHERE asynchronous_commit.setting IS NOT NULL AND id = (
-    SELECT id FROM mailspool_message WHERE {where} ORDER BY {order} LIMIT 1 FOR UPDATE SKIP LOCKED)
-RETURNING queue_id, sender, recipients, message_id, created_at, not_before, attempts, data
+WHERE asynchronous_commit.setting IS NOT NULL AND id IN (
+    SELECT id FROM mailspool_message WHERE {where} ORDER BY {order} LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
+RETURNING queue_id, sender, recipients, message_id, created_at, not_before, attempts, data, id
 """
 _READY = _CLAIM_SQL.format(where="state = 'ready'", order="due_at, id")
 _DEFERRED_DUE = _CLAIM_SQL.format(where="state = 'deferred' AND due_at <= %(now)s", order="due_at, id")
@@ -193,12 +197,13 @@ class StagedRow:
 class ClaimedRow:
     """A row leased by this processor. See ``IClaimedMessage``."""
 
-    def __init__(self, queue_id, envelope, attempts, data, lease_owner):
+    def __init__(self, queue_id, envelope, attempts, data, lease_owner, lease_expires_at):
         self.queue_id = queue_id
         self.envelope = envelope
         self.attempts = attempts
         self._data = data
         self.lease_owner = lease_owner
+        self.lease_expires_at = lease_expires_at
 
     def read(self):
         """See ``IClaimedMessage.read``: the bytes came with the claim."""
@@ -217,9 +222,11 @@ class PostgresQueue:
     (the processor renews it every quarter of that while a message is
     sent). ``keep_sent`` seconds: keep delivered rows (state ``sent``, with
     their history) that long for audit; 0 deletes them at once.
+    ``claim_batch``: rows a processor leases per claim statement (see
+    ``claim_next``).
     """
 
-    def __init__(self, database, lease_seconds=DEFAULT_LEASE_SECONDS, keep_sent=0):
+    def __init__(self, database, lease_seconds=DEFAULT_LEASE_SECONDS, keep_sent=0, claim_batch=DEFAULT_CLAIM_BATCH):
         self._owns_engine = not isinstance(database, sqlalchemy.engine.Engine)
         self.engine = engine_for(database)
         self.lease_seconds = float(lease_seconds)
@@ -227,6 +234,9 @@ class PostgresQueue:
         self.keep_sent = float(keep_sent)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._schema_checked = False
+        self.claim_batch = int(claim_batch)
+        self._ahead = collections.deque()  # leased by claim_next, not handed out yet
+        self._ahead_lock = threading.Lock()
 
     @property
     def name(self):
@@ -370,27 +380,59 @@ class PostgresQueue:
         """Claim the message due first that nobody holds; None when nothing is due.
 
         The processor uses this where a queue offers it: concurrent
-        processors each take a different row (``SKIP LOCKED``) instead of
-        contending for the same ids from the same list. The kinds of rows of
-        ``_claimable_groups`` are tried in turn, each with one statement
-        that commits by itself, without waiting for the WAL flush (see
-        ``_ASYNCHRONOUS_COMMIT``); the hot path's SQL is written out, not
-        built per call.
+        processors each take different rows (``SKIP LOCKED``) instead of
+        contending for the same ids from the same list. Rows are leased
+        ``claim_batch`` at a time, by one statement that commits by itself
+        without waiting for the WAL flush (see ``_ASYNCHRONOUS_COMMIT``),
+        and handed out one per call; the kinds of rows of
+        ``_claimable_groups`` are tried in turn. A leased row whose lease is
+        more than half gone by the time it is handed out is given back
+        instead (it was not renewed while it waited). ``release_unused``
+        gives back what is left at the end of a run.
         """
         now = time.time() if now is None else now
+        while True:
+            with self._ahead_lock:
+                claim = self._ahead.popleft() if self._ahead else None
+            if claim is None:
+                break
+            if now == math.inf or claim.lease_expires_at - now > self.lease_seconds / 2:
+                return claim
+            self._give_back([claim])
         if now == math.inf:  # (see _claimable_groups) the lease runs from the present
             kinds, parameters, lease_from = _CLAIM_ANY_TIME, {}, time.time()
         else:
             kinds = _CLAIM_DUE if max_wait is None else _CLAIM_DUE_OR_CLOCK_BACK
             parameters = {"now": _ts(now), "far": _ts(now + (max_wait or 0))}
             lease_from = now
-        parameters.update(owner=self.owner, lease_expires=_ts(lease_from + self.lease_seconds))
+        lease_expires_at = lease_from + self.lease_seconds
+        parameters.update(owner=self.owner, lease_expires=_ts(lease_expires_at), batch=self.claim_batch)
         with self._transaction(single_statement=True) as connection:
             for statement in kinds:
-                row = connection.exec_driver_sql(statement, parameters).first()
-                if row is not None:
-                    return self._claimed(row)
-        return None
+                rows = connection.exec_driver_sql(statement, parameters).all()
+                if rows:
+                    break
+        if not rows:
+            return None
+        claims = [self._claimed(row[:8], lease_expires_at) for row in sorted(rows, key=lambda row: row[-1])]
+        with self._ahead_lock:
+            self._ahead.extend(claims[1:])
+        return claims[0]
+
+    def release_unused(self):
+        """Give back the rows ``claim_next`` leased ahead and did not hand out (a processor calls it after a run)."""
+        with self._ahead_lock:
+            unused, self._ahead = list(self._ahead), collections.deque()
+        if unused:
+            self._give_back(unused)
+
+    def _give_back(self, claims):
+        with self._transaction(single_statement=True) as connection:
+            connection.execute(
+                message_table.update()
+                .where(message_table.c.queue_id.in_([claim.queue_id for claim in claims]),
+                       message_table.c.lease_owner == self.owner, message_table.c.state == "active")
+                .values(state="ready", lease_owner=None, lease_expires=None))
 
     def _lease(self, candidates, now):
         """Lease the first row any of ``candidates`` (id subqueries, tried in turn) finds; a ClaimedRow or None.
@@ -409,13 +451,13 @@ class PostgresQueue:
                     .returning(c.queue_id, c.sender, c.recipients, c.message_id, c.created_at, c.not_before,
                                c.attempts, c.data)).first()
                 if row is not None:
-                    return self._claimed(row)
+                    return self._claimed(row, now + self.lease_seconds)
         return None
 
-    def _claimed(self, row):
+    def _claimed(self, row, lease_expires_at):
         queue_id, sender, recipients, message_id, created_at, not_before, attempts, data = row
         envelope = Envelope(sender, tuple(recipients), message_id, _epoch(created_at), _epoch(not_before))
-        return ClaimedRow(queue_id, envelope, _attempts(attempts), bytes(data), self.owner)
+        return ClaimedRow(queue_id, envelope, _attempts(attempts), bytes(data), self.owner, lease_expires_at)
 
     def _settle(self, claim, **values):
         """Update a claimed row, if this processor still holds it; QueueError if the lease was lost."""

@@ -168,22 +168,35 @@ class QueueProcessor:
         if self._stopping.is_set():
             return summary
         claims, total = self._claims()
-        with self._keeping_claims_alive():
-            if self.workers == 1:
-                self._work(claims, summary, total)
-            else:
-                threads = [
-                    threading.Thread(target=self._work, args=(claims, summary, total),
-                                     name=f"mailspool-worker-{number}")
-                    for number in range(self.workers)
-                ]
-                for thread in threads:
-                    thread.start()
-                for thread in threads:
-                    thread.join()
+        try:
+            with self._keeping_claims_alive():
+                if self.workers == 1:
+                    self._work(claims, summary, total)
+                else:
+                    threads = [
+                        threading.Thread(target=self._work, args=(claims, summary, total),
+                                         name=f"mailspool-worker-{number}")
+                        for number in range(self.workers)
+                    ]
+                    for thread in threads:
+                        thread.start()
+                    for thread in threads:
+                        thread.join()
+        finally:
+            self._release_unused()
         if summary.sent or summary.deferred or summary.failed:
             log.info("queue run finished: %s", summary)
         return summary
+
+    def _release_unused(self):
+        """Give back what the queue leased ahead and was not delivered (a stop came first). Never raises."""
+        release_unused = getattr(self.queue, "release_unused", None)
+        if release_unused is None:
+            return
+        try:
+            release_unused()
+        except OSError as exc:
+            log.warning("could not give back messages claimed ahead (their lease returns them): %s", exc)
 
     def run_forever(self, poll_interval=DEFAULT_POLL_INTERVAL):
         """Run until ``stop()``: drain the queue, then sleep until a commit or ``poll_interval``.

@@ -276,3 +276,31 @@ def test_a_retry_deferred_before_the_clock_went_back_is_claimed_but_a_scheduled_
     assert queue.claim_next(now, max_wait=3900) is not None  # further ahead than any back-off: due now
     assert queue.claim_next(now, max_wait=3900) is None  # the scheduled one keeps its time
     assert queue.counts() == dict(EMPTY, active=1, deferred=1)
+
+
+def test_messages_claimed_ahead_are_given_back_when_a_run_stops_early(queue, manager):
+    commit(queue, manager, 6)
+
+    class StopAfterFirst:
+        def send(self, fromaddr, toaddrs, message):
+            processor.stop()
+            return {}
+
+    processor = QueueProcessor(queue, StopAfterFirst())
+    summary = processor.run_once()
+
+    assert summary.sent == 1
+    assert queue.counts() == dict(EMPTY, ready=5)  # not held by leases until they run out
+
+
+def test_a_row_claimed_ahead_whose_lease_is_half_gone_is_given_back_not_sent(pg_engine, manager):
+    queue = PostgresQueue(pg_engine, lease_seconds=100, claim_batch=2)
+    queue.create_schema()
+    commit(queue, manager, 2)
+    now = time.time()
+    first = queue.claim_next(now)
+
+    second = queue.claim_next(now + 60)  # the row leased ahead at `now` has 40 s of 100 left
+
+    assert second is not None and second.queue_id != first.queue_id
+    assert second.lease_expires_at == pytest.approx(now + 160)  # claimed afresh, not the stale lease

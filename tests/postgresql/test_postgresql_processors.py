@@ -103,15 +103,17 @@ def test_a_processor_killed_mid_run_loses_its_claim_until_the_lease_expires_with
     killed_message_id = queue.entry(killed_id).envelope.message_id
     child.kill()
     killed_at = time.time()
-    assert queue.counts() == dict(EMPTY, ready=15, active=1)
+    counts = queue.counts()
+    held = counts["active"]  # the message in flight, and those the dead processor had claimed ahead
+    assert 1 <= held <= 4 and counts == dict(EMPTY, ready=16 - held, active=held)
 
     restarted = QueueProcessor(queue, SMTPMailer(smtp_sink.host, smtp_sink.port, tls="none"))
-    assert restarted.run_once().sent == 15
-    assert queue.counts() == dict(EMPTY, active=1)  # the lease still holds it ...
+    assert restarted.run_once().sent == 16 - held
+    assert queue.counts() == dict(EMPTY, active=held)  # the lease still holds them ...
 
     after_the_lease = QueueProcessor(queue, SMTPMailer(smtp_sink.host, smtp_sink.port, tls="none"),
                                      clock=lambda: killed_at + 31)
-    assert after_the_lease.run_once().sent == 1  # ... until it runs out
+    assert after_the_lease.run_once().sent == held  # ... until it runs out
 
     received = crashkit.received_ids(smtp_sink)
     assert set(received) == expected  # nothing lost
