@@ -1,33 +1,42 @@
 """A real PostgreSQL server for these tests (tests/pgserver.py), and a fresh database per test.
 
-Fixtures: ``postgres_server`` (one per session: a throwaway cluster, or the
-server of ``MAILSPOOL_TEST_POSTGRESQL_URL`` when set), ``postgres_url`` (a
-new database, dropped after the test) and ``pg_engine`` (an SQLAlchemy
-engine on it, disposed after the test).
+Fixtures:
 
-Without PostgreSQL's server programs, or without the ``postgresql`` extra,
-the tests are skipped with the reason, unless ``MAILSPOOL_REQUIRE_POSTGRESQL=1``
-(.ci/run sets it: PostgreSQL is installed on the CI machines), which turns
-the skip into a failure.
+- ``postgres_server`` (one per session): a throwaway cluster started for the
+  session and removed after it, or the existing server that
+  ``MAILSPOOL_TEST_POSTGRESQL_URL`` names (any database URL on it; databases
+  are created and dropped there, the server is never stopped).
+- ``postgres_url``: the SQLAlchemy URL of a new, empty database of this
+  test's own, dropped after the test.
+- ``pg_engine``: an SQLAlchemy engine on that database, disposed after the test.
+
+Without PostgreSQL's server programs (found through ``MAILSPOOL_PG_BINDIR``,
+``pg_config``, /usr/lib/postgresql or PATH), or without the ``postgresql``
+extra, these tests are skipped with the reason, unless
+``MAILSPOOL_REQUIRE_POSTGRESQL=1`` (.ci/run sets it: PostgreSQL is
+installed on the CI machines), which turns the skip into a failure. A
+server that is found but fails to start is an error, with its log.
 """
 
 import itertools
 import os
 
 import pytest
-from pgserver import PostgresServer, find_binaries
+from pgserver import PostgresServer
 
 _database_numbers = itertools.count()
 
 
 def _unavailable(reason):
+    """Skip the test, or fail it when MAILSPOOL_REQUIRE_POSTGRESQL=1 says these tests must run."""
     if os.environ.get("MAILSPOOL_REQUIRE_POSTGRESQL") == "1":
-        pytest.fail(f"{reason} (MAILSPOOL_REQUIRE_POSTGRESQL=1 requires these tests to run)", pytrace=False)
+        pytest.fail(f"{reason} (MAILSPOOL_REQUIRE_POSTGRESQL=1: these tests must run, not skip)", pytrace=False)
     pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
 def postgres_server():
+    """The session's PostgreSQL server (a PostgresServer): throwaway, or MAILSPOOL_TEST_POSTGRESQL_URL's."""
     try:
         import psycopg  # noqa: F401
         import sqlalchemy  # noqa: F401
@@ -38,16 +47,15 @@ def postgres_server():
     if url:
         yield PostgresServer.from_url(url)
         return
-    if find_binaries() is None:
-        _unavailable("PostgreSQL server programs (initdb, pg_ctl) not found; set MAILSPOOL_PG_BINDIR "
-                     "or MAILSPOOL_TEST_POSTGRESQL_URL")
+    if PostgresServer.find_binaries() is None:
+        where = os.environ.get("MAILSPOOL_PG_BINDIR")
+        _unavailable("PostgreSQL server programs (initdb, pg_ctl) not found: "
+                     + (f"not in MAILSPOOL_PG_BINDIR={where}" if where else
+                        "install PostgreSQL, or set MAILSPOOL_PG_BINDIR to their directory")
+                     + ", or set MAILSPOOL_TEST_POSTGRESQL_URL to an existing server")
     server = PostgresServer()
     try:
         server.start()
-    except RuntimeError as exc:
-        server.cleanup()
-        _unavailable(f"cannot start a throwaway PostgreSQL server: {exc}")
-    try:
         yield server
     finally:
         server.cleanup()
@@ -55,7 +63,8 @@ def postgres_server():
 
 @pytest.fixture
 def postgres_url(postgres_server):
-    name = f"mailspool_test_{os.getpid()}_{next(_database_numbers)}"
+    """The URL of a new empty database (unique name), dropped after the test."""
+    name = f"t_{os.getpid()}_{next(_database_numbers)}"
     postgres_server.create_database(name)
     yield postgres_server.url(name)
     postgres_server.drop_database(name)
@@ -63,6 +72,7 @@ def postgres_url(postgres_server):
 
 @pytest.fixture
 def pg_engine(postgres_url):
+    """An SQLAlchemy engine on ``postgres_url``'s database, disposed after the test."""
     import sqlalchemy
 
     engine = sqlalchemy.create_engine(postgres_url)
