@@ -1,5 +1,6 @@
 """Fixtures shared by every test: queues in temporary directories, explicit managers, real SMTP servers."""
 
+import crashkit
 import pytest
 import transaction
 from harness import Clock, ScriptedHandler
@@ -43,3 +44,10 @@ def scripted_server():
     with SMTPSink(handler=handler) as sink:
         sink.handler = handler
         yield sink
+
+
+@pytest.fixture
+def spawn():
+    """Start child Pythons (``crashkit.Child``); every one still running is killed and reaped afterwards."""
+    with crashkit.Children() as children:
+        yield children.spawn

@@ -121,6 +121,9 @@ _COLUMNS_BUT_DATA = [column for column in message_table.c if column.name != "dat
 _ASYNCHRONOUS_COMMIT = sql_select(
     func.set_config("synchronous_commit", "off", True).label("setting")).subquery("asynchronous_commit")
 
+# Wakes the processors that LISTEN; PostgreSQL delivers it only if the transaction commits.
+_NOTIFY = text("SELECT pg_notify(:channel, '')").bindparams(channel=CHANNEL)
+
 # The processor's hot path, written out (claim_next, complete); see _claimable_groups for the kinds.
 _CLAIM_SQL = """
 UPDATE mailspool_message SET state = 'active', lease_owner = %(owner)s, lease_expires = %(lease_expires)s
@@ -181,7 +184,7 @@ class StagedRow:
                 .where(message_table.c.queue_id == self.queue_id, message_table.c.state == "staged")
                 .values(state=state))
             if state == "ready":
-                connection.execute(text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL})
+                connection.execute(_NOTIFY)
 
     def discard(self):
         """See ``IStagedMessage.discard``. Never raises."""
@@ -374,7 +377,7 @@ class PostgresQueue:
         candidate = (sql_select(message_table.c.id)
                      .where(message_table.c.queue_id == queue_id, self._claimable(now, max_wait))
                      .with_for_update(skip_locked=True).scalar_subquery())
-        return self._lease([candidate], now)
+        return self._lease(candidate, now)
 
     def claim_next(self, now=None, max_wait=None):
         """Claim the message due first that nobody holds; None when nothing is due.
@@ -434,25 +437,22 @@ class PostgresQueue:
                        message_table.c.lease_owner == self.owner, message_table.c.state == "active")
                 .values(state="ready", lease_owner=None, lease_expires=None))
 
-    def _lease(self, candidates, now):
-        """Lease the first row any of ``candidates`` (id subqueries, tried in turn) finds; a ClaimedRow or None.
+    def _lease(self, candidate, now):
+        """Lease the row ``candidate`` (an id subquery) finds; a ClaimedRow or None.
 
-        Each try is one statement committed by itself, without waiting for
-        the WAL flush (see ``_ASYNCHRONOUS_COMMIT``).
+        One statement committed by itself, without waiting for the WAL
+        flush (see ``_ASYNCHRONOUS_COMMIT``).
         """
         if now == math.inf:  # (see _claimable_groups) the lease runs from the present
             now = time.time()
         c = message_table.c
         with self._transaction(single_statement=True) as connection:
-            for candidate in candidates:
-                row = connection.execute(
-                    message_table.update().where(c.id == candidate, _ASYNCHRONOUS_COMMIT.c.setting.isnot(None))
-                    .values(state="active", lease_owner=self.owner, lease_expires=_ts(now + self.lease_seconds))
-                    .returning(c.queue_id, c.sender, c.recipients, c.message_id, c.created_at, c.not_before,
-                               c.attempts, c.data)).first()
-                if row is not None:
-                    return self._claimed(row, now + self.lease_seconds)
-        return None
+            row = connection.execute(
+                message_table.update().where(c.id == candidate, _ASYNCHRONOUS_COMMIT.c.setting.isnot(None))
+                .values(state="active", lease_owner=self.owner, lease_expires=_ts(now + self.lease_seconds))
+                .returning(c.queue_id, c.sender, c.recipients, c.message_id, c.created_at, c.not_before,
+                           c.attempts, c.data)).first()
+        return None if row is None else self._claimed(row, now + self.lease_seconds)
 
     def _claimed(self, row, lease_expires_at):
         queue_id, sender, recipients, message_id, created_at, not_before, attempts, data = row
@@ -522,7 +522,7 @@ class PostgresQueue:
         """See ``IMailQueue.announce``: NOTIFY (the publishing commit already sent one). Never raises."""
         try:
             with self._transaction() as connection:
-                connection.execute(text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL})
+                connection.execute(_NOTIFY)
         except Exception as exc:
             log.warning("could not notify processors: %s", exc)
 
@@ -610,7 +610,7 @@ class PostgresQueue:
             connection.execute(message_table.update().where(message_table.c.queue_id == queue_id)
                                .values(state=target, **values))
             if target == "ready":
-                connection.execute(text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL})
+                connection.execute(_NOTIFY)
         log.info("message %s moved from %s to %s", queue_id, before, target)
         return before
 
@@ -652,7 +652,7 @@ class PostgresQueue:
         with self._transaction() as connection:
             inserted = connection.execute(statement).first() is not None
             if inserted and state == "ready":
-                connection.execute(text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL})
+                connection.execute(_NOTIFY)
         return inserted
 
 
@@ -681,7 +681,7 @@ class SessionQueue:
         try:
             self.session.execute(message_table.insert().values(_row_values(queue_id, state, envelope, data)))
             if state == "ready":
-                self.session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL})
+                self.session.execute(_NOTIFY)
         except SQLAlchemyError as exc:
             raise self.queue._error(exc) from exc
         # zope.sqlalchemy commits a session only when it knows it wrote something;

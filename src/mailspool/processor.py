@@ -254,8 +254,11 @@ class QueueProcessor:
         max_wait = self.retry_policy.longest_wait
         claim_next = getattr(self.queue, "claim_next", None)
         if claim_next is not None:
-            counts = self.queue.counts()
-            return (lambda: claim_next(self._clock(), max_wait=max_wait)), counts["ready"] + counts["deferred"]
+            total = 0
+            if self._progress is not None:  # an estimate, only for the display: counting costs a query
+                counts = self.queue.counts()
+                total = counts["ready"] + counts["deferred"]
+            return (lambda: claim_next(self._clock(), max_wait=max_wait)), total
         due_ids = list(self.queue.due(self._clock(), max_wait=max_wait))
         due = iter(due_ids)
         lock = threading.Lock()

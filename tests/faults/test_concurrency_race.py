@@ -28,12 +28,6 @@ MESSAGES = 2000
 PER_TRANSACTION = 100
 
 
-@pytest.fixture
-def spawn():
-    with crashkit.Children() as children:
-        yield children.spawn
-
-
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
     """A queue of MESSAGES ready messages, committed the real way; never processed itself."""

@@ -22,12 +22,6 @@ from mailspool import QueuedMailDelivery, QueueProcessor, SMTPMailer
 from mailspool.maildir import STALE_STAGING_SECONDS, MaildirQueue
 
 
-@pytest.fixture
-def spawn():
-    with crashkit.Children() as children:
-        yield children.spawn
-
-
 def mailer_for(server):
     return SMTPMailer(server.host, server.port, tls="none", timeout=crashkit.TIMEOUT)
 

@@ -35,12 +35,6 @@ from mailspool.exceptions import QueueError
 from mailspool.maildir import MaildirQueue
 
 
-@pytest.fixture
-def spawn():
-    with crashkit.Children() as children:
-        yield children.spawn
-
-
 UNSHARE = ["unshare", "--mount", "--propagation", "private", "--"]
 
 

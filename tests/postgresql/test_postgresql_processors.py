@@ -20,12 +20,6 @@ EMPTY = {"ready": 0, "active": 0, "deferred": 0, "held": 0, "failed": 0}
 
 
 @pytest.fixture
-def spawn():
-    with crashkit.Children() as children:
-        yield children.spawn
-
-
-@pytest.fixture
 def queue(pg_engine):
     queue = PostgresQueue(pg_engine)
     queue.create_schema()
