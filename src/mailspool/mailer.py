@@ -9,6 +9,7 @@ mapping of refused recipients, a ``TransientDeliveryError`` or a
 import contextlib
 import logging
 import os
+import re
 import smtplib
 import ssl
 import subprocess
@@ -17,14 +18,20 @@ import time
 
 from zope.interface import implementer
 
+from mailspool import transcript
 from mailspool.exceptions import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from mailspool.interfaces import IMailer, ISMTPMailer
 from mailspool.reply import SMTPReply
-from mailspool.transcript import TranscriptSMTP, TranscriptSMTP_SSL
 
 log = logging.getLogger(__name__)
 
 TLS_MODES = ("starttls", "ssl", "opportunistic", "none")
+# An address of only these characters goes into MAIL FROM and RCPT TO as
+# "<address>": what smtplib.quoteaddr makes of it too, without the parse
+# (email.utils.parseaddr) that costs as much as the rest of our SMTP
+# client work per message. Anything else (a display name, brackets,
+# non-ASCII) takes smtplib's own path.
+_PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~@-]*\Z")
 
 
 class _ConnectionLost(Exception):
@@ -255,10 +262,10 @@ class SMTPMailer:
         """Open, secure and authenticate one connection; raise DeliveryError on failure."""
         server = _server_name(host, port)
         if self.tls == "ssl":
-            connection = TranscriptSMTP_SSL(local_hostname=self.local_hostname, timeout=self.timeout,
-                                            context=self._tls_context())
+            connection = transcript.new_connection(True, local_hostname=self.local_hostname, timeout=self.timeout,
+                                                   context=self._tls_context())
         else:
-            connection = TranscriptSMTP(local_hostname=self.local_hostname, timeout=self.timeout)
+            connection = transcript.new_connection(local_hostname=self.local_hostname, timeout=self.timeout)
         connection._transcript_server = server
         connection._host = host  # smtplib sets it only in __init__; TLS checks the certificate against it
         try:
@@ -316,7 +323,7 @@ class SMTPMailer:
         options = self._mail_options(connection, fromaddr, toaddrs, message)
         try:
             try:
-                reply = SMTPReply.from_smtplib(*connection.mail(fromaddr, options))
+                reply = SMTPReply.from_smtplib(*_envelope_command(connection, "mail", fromaddr, options))
             except smtplib.SMTPServerDisconnected:
                 if reused:
                     raise _ConnectionLost() from None
@@ -327,7 +334,7 @@ class SMTPMailer:
                 raise _reply_error(reply, f"{server} refused sender {fromaddr!r}", server)
             refused = {}
             for recipient in toaddrs:
-                reply = SMTPReply.from_smtplib(*connection.rcpt(recipient))
+                reply = SMTPReply.from_smtplib(*_envelope_command(connection, "rcpt", recipient))
                 if reply.code == 421:
                     raise _reply_error(reply, f"{server} is closing the connection", server)
                 if reply.code not in (250, 251):
@@ -374,6 +381,21 @@ class SMTPMailer:
         if connection.has_extn("8bitmime") and not message.isascii():
             options.append("BODY=8BITMIME")
         return options
+
+
+def _envelope_command(connection, verb, address, options=()):
+    """Send MAIL FROM (``verb`` "mail") or RCPT TO ("rcpt") for ``address``; return the reply as smtplib does.
+
+    The same command and reply as ``connection.mail``/``rcpt``; a plain
+    address (see ``_PLAIN_ADDRESS``) is written without smtplib's parse.
+    SMTPUTF8 goes through smtplib, which switches the command encoding.
+    """
+    if "SMTPUTF8" in options or not _PLAIN_ADDRESS.match(address):
+        return connection.mail(address, options) if verb == "mail" else connection.rcpt(address, options)
+    prefix = "FROM:" if verb == "mail" else "TO:"
+    options = options if connection.does_esmtp else ()
+    connection.putcmd(verb, "".join((prefix, "<", address, ">", *(" " + option for option in options))))
+    return connection.getreply()
 
 
 def _server_name(host, port):

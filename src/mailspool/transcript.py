@@ -1,6 +1,8 @@
 """SMTP transcripts: the whole dialog on the ``mailspool.transcript`` logger, secrets and bodies left out.
 
-Enabled by setting that logger to DEBUG. Lines look like::
+Enabled by setting that logger to DEBUG; the setting is read when a
+connection is opened (a connection opened without it costs nothing per
+line), so it applies from the next connection on. Lines look like::
 
     127.0.0.1:2525 C: MAIL FROM:<shop@example.org> SIZE=347
     127.0.0.1:2525 S: 250 OK
@@ -60,3 +62,15 @@ class TranscriptSMTP(TranscriptMixin, smtplib.SMTP):
 
 class TranscriptSMTP_SSL(TranscriptMixin, smtplib.SMTP_SSL):
     """``smtplib.SMTP_SSL`` with a redacted transcript."""
+
+
+def new_connection(implicit_tls=False, **options):
+    """An unconnected ``smtplib.SMTP`` (``SMTP_SSL`` for ``implicit_tls``) for ``options``.
+
+    It logs a transcript when the ``mailspool.transcript`` logger is at
+    DEBUG now; otherwise it is smtplib's own class, without the cost of a
+    check on every line.
+    """
+    if log.isEnabledFor(logging.DEBUG):
+        return TranscriptSMTP_SSL(**options) if implicit_tls else TranscriptSMTP(**options)
+    return smtplib.SMTP_SSL(**options) if implicit_tls else smtplib.SMTP(**options)

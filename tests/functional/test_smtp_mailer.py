@@ -299,6 +299,19 @@ def test_partly_refused_recipients_are_returned_and_the_others_get_the_message(s
     assert handler.received == [ReceivedMessage(SENDER, (ALICE, DAVE), make_message())]
 
 
+def test_addresses_with_display_names_are_sent_as_smtplib_would_and_plain_ones_as_given(serve):
+    # Plain addresses skip smtplib's address parser; anything else (here a
+    # display name, which IMailer callers may pass) still goes through it.
+    handler = Recorder()
+    sink = serve(handler)
+    tagged = "o'neil+orders/2026=x@example.org"
+
+    refused = mailer_for(sink, tls="none").send(f"Shop <{SENDER}>", [f"Alice <{ALICE}>", tagged], make_message())
+
+    assert refused == {}
+    assert handler.received == [ReceivedMessage(SENDER, (ALICE, tagged), make_message())]
+
+
 def test_every_recipient_refused_for_good_is_permanent(serve):
     handler = Recorder({BOB: "550 5.1.1 No such user", CAROL: "553 5.1.3 Bad address"})
     sink = serve(handler)
