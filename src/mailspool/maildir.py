@@ -249,7 +249,7 @@ class MaildirQueue:
         return os.path.join(self.path, STATE_DIRS[state])
 
     def _path(self, subdir, queue_id):
-        return os.path.join(self.path, subdir, queue_id)
+        return f"{self.path}/{subdir}/{queue_id}"
 
     # -- writing -----------------------------------------------------------
 
@@ -376,11 +376,9 @@ class MaildirQueue:
             self._set_aside(target, queue_id, "not a regular file")
             raise QueueFileError(f"{source}: not a regular file; moved to failed/", source)
         try:
-            with os.fdopen(os.dup(fd), "rb") as stream:
-                envelope = Envelope.read_from(stream, source)
-                data_offset = stream.tell()
+            envelope, data_offset = _read_envelope(fd, source)
             attempts = self._read_attempts(queue_id)
-            has_log = bool(attempts) or os.path.lexists(self._path(LOG_DIR, queue_id))
+            has_log = attempts is not None
         except (QueueFileError, OSError) as exc:
             if state == READY and _is_legacy_file(fd):
                 # Written by repoze.sendmail/zope.sendmail: cleanup() imports it.
@@ -391,7 +389,7 @@ class MaildirQueue:
             self.fail(ClaimedFile(self, queue_id, target, fd, None, 0, []),
                       Attempt(at=time.time(), error=f"unreadable queue file: {error}"))
             raise error from exc
-        return ClaimedFile(self, queue_id, target, fd, envelope, data_offset, attempts, has_log)
+        return ClaimedFile(self, queue_id, target, fd, envelope, data_offset, attempts or [], has_log)
 
     def _rename_into_claims(self, source, target):
         """Rename; FileNotFoundError means ``source`` is gone (this host's directory is made on demand)."""
@@ -468,12 +466,15 @@ class MaildirQueue:
             os.close(fd)
 
     def _read_attempts(self, queue_id):
-        """Return the attempt records of ``queue_id``; a damaged line is skipped with a warning."""
+        """Return the attempt records of ``queue_id`` as a list, or None when it has no attempt log.
+
+        A damaged line is skipped with a warning.
+        """
         path = self._path(LOG_DIR, queue_id)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
-            return []
+            return None
         try:
             chunks = []
             while chunk := os.read(fd, 65536):
@@ -670,20 +671,13 @@ class MaildirQueue:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 return QueueEntry(queue_id, state, problem="not a regular file")
-            head = os.read(fd, PREFIX_CHUNK)
-            if head.count(b"\n") < 2 and len(head) == PREFIX_CHUNK:  # a very long envelope
-                with os.fdopen(os.dup(fd), "rb") as stream:
-                    stream.seek(0)
-                    envelope = Envelope.read_from(stream, queue_id)
-                    offset = stream.tell()
-            else:
-                envelope, offset = Envelope.from_prefix(head, queue_id)
+            envelope, offset = _read_envelope(fd, queue_id)
             size = info.st_size - offset
         except (QueueFileError, OSError) as exc:
             return QueueEntry(queue_id, state, problem=str(exc))
         finally:
             os.close(fd)
-        attempts = tuple(self._read_attempts(queue_id)) if has_log else ()
+        attempts = tuple(self._read_attempts(queue_id) or ()) if has_log else ()
         due_at = info.st_mtime if state == DEFERRED else None
         return QueueEntry(queue_id, state, envelope, attempts, due_at, size)
 
@@ -801,6 +795,23 @@ def _file_is_legacy(path):
         return _is_legacy_file(fd)
     finally:
         os.close(fd)
+
+
+def _read_envelope(fd, name):
+    """Parse the prefix of the queue file open as ``fd``; return ``(envelope, offset of the message)``.
+
+    One ``pread`` from the start of the file nearly always holds the whole
+    prefix; a longer envelope is read on with a stream. Raises
+    ``QueueFileError`` (naming ``name``) as ``Envelope.from_prefix`` does,
+    and OSError when the file cannot be read.
+    """
+    head = os.pread(fd, PREFIX_CHUNK, 0)
+    if head.count(b"\n") < 2 and len(head) == PREFIX_CHUNK:  # a very long envelope
+        with os.fdopen(os.dup(fd), "rb") as stream:
+            stream.seek(0)
+            envelope = Envelope.read_from(stream, name)
+            return envelope, stream.tell()
+    return Envelope.from_prefix(head, name)
 
 
 def _is_legacy_file(fd):
