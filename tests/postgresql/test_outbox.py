@@ -35,7 +35,8 @@ def message(number):
 def queue(pg_engine):
     queue = PostgresQueue(pg_engine)
     queue.create_schema()
-    return queue
+    yield queue
+    queue.close()  # returns the connections it keeps for claims
 
 
 @pytest.fixture
@@ -304,3 +305,29 @@ def test_a_row_claimed_ahead_whose_lease_is_half_gone_is_given_back_not_sent(pg_
 
     assert second is not None and second.queue_id != first.queue_id
     assert second.lease_expires_at == pytest.approx(now + 160)  # claimed afresh, not the stale lease
+    queue.close()
+
+
+def test_a_claim_connection_the_server_dropped_is_replaced_on_the_next_call(pg_engine, manager):
+    queue = PostgresQueue(pg_engine, claim_batch=1)
+    queue.create_schema()
+    commit(queue, manager, 2)
+    first = queue.claim_next()  # this thread now keeps a connection for claims
+    with pg_engine.connect(), pg_engine.connect():
+        pass  # two more connections in the queue's pool
+    admin_engine = sa.create_engine(pg_engine.url)  # not the queue's pool: all that pool holds goes stale
+    with admin_engine.connect() as admin:  # as a database restart would
+        admin.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+    admin_engine.dispose()
+    try:
+        with pytest.raises(QueueError, match="PostgreSQL queue"):
+            queue.complete(first)
+
+        second = queue.claim_next()
+
+        assert second is not None and second.queue_id != first.queue_id
+        queue.complete(second)
+        assert queue.counts() == dict(EMPTY, active=1)  # the first stays leased until its lease runs out
+    finally:
+        queue.close()

@@ -23,7 +23,8 @@ EMPTY = {"ready": 0, "active": 0, "deferred": 0, "held": 0, "failed": 0}
 def queue(pg_engine):
     queue = PostgresQueue(pg_engine)
     queue.create_schema()
-    return queue
+    yield queue
+    queue.close()  # returns the connections it keeps for claims
 
 
 def fill(queue, tag, count):
