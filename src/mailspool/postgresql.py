@@ -214,25 +214,22 @@ class _HotConnections:
 
     def __init__(self, queue):
         self._queue = queue
-        self._by_thread = {}
+        self._by_thread = {}  # thread id -> (SQLAlchemy connection, psycopg cursor on it)
         self._lock = threading.Lock()
 
     def execute(self, statement, parameters, fetch=False):
         """Run one statement (committed by itself); its rows if ``fetch``. Raises ``QueueError``."""
-        connection = self._connection()
+        thread = threading.get_ident()
+        held = self._by_thread.get(thread) or self._take(thread)
         try:
-            with connection.connection.driver_connection.cursor() as cursor:
-                cursor.execute(statement, parameters, binary=fetch)
-                return cursor.fetchall() if fetch else None
+            held[1].execute(statement, parameters, binary=fetch)
+            return held[1].fetchall() if fetch else None
         except (psycopg.Error, SQLAlchemyError) as exc:
-            self._forget(connection, invalidate=True)
+            self._give_back(thread, invalidate=True)
             raise self._queue._error(exc) from exc
 
-    def _connection(self):
-        thread = threading.get_ident()
-        connection = self._by_thread.get(thread)
-        if connection is not None:
-            return connection
+    def _take(self, thread):
+        """Check out ``thread``'s connection and a cursor on it. Raises ``QueueError``."""
         queue = self._queue
         if not queue._schema_checked:
             queue.verify()
@@ -248,28 +245,31 @@ class _HotConnections:
                     raise queue._error(exc) from exc
             except SQLAlchemyError as exc:
                 raise queue._error(exc) from exc
+        held = (connection, connection.connection.driver_connection.cursor())
         with self._lock:
-            self._by_thread[thread] = connection
-        return connection
+            self._by_thread[thread] = held
+        return held
 
-    def _forget(self, connection, invalidate=False):
+    def _give_back(self, thread, invalidate=False):
         with self._lock:
-            for thread, held in list(self._by_thread.items()):
-                if held is connection:
-                    del self._by_thread[thread]
+            held = self._by_thread.pop(thread, None)
+        if held is None:
+            return
+        connection, cursor = held
         try:
+            cursor.close()
             if invalidate:
                 connection.invalidate()
             connection.close()
-        except SQLAlchemyError:
+        except (psycopg.Error, SQLAlchemyError):
             pass  # already broken; the pool replaces it
 
     def close(self):
         """Return every thread's connection to the pool. Never raises."""
         with self._lock:
-            held, self._by_thread = list(self._by_thread.values()), {}
-        for connection in held:
-            self._forget(connection)
+            threads = list(self._by_thread)
+        for thread in threads:
+            self._give_back(thread)
 
 
 @implementer(IClaimedMessage)
