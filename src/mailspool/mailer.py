@@ -262,11 +262,10 @@ class SMTPMailer:
         """Open, secure and authenticate one connection; raise DeliveryError on failure."""
         server = _server_name(host, port)
         if self.tls == "ssl":
-            connection = transcript.new_connection(True, local_hostname=self.local_hostname, timeout=self.timeout,
-                                                   context=self._tls_context())
+            connection = transcript.new_connection(server, True, local_hostname=self.local_hostname,
+                                                   timeout=self.timeout, context=self._tls_context())
         else:
-            connection = transcript.new_connection(local_hostname=self.local_hostname, timeout=self.timeout)
-        connection._transcript_server = server
+            connection = transcript.new_connection(server, local_hostname=self.local_hostname, timeout=self.timeout)
         connection._host = host  # smtplib sets it only in __init__; TLS checks the certificate against it
         try:
             code, text = connection.connect(host, port)

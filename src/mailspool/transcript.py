@@ -64,13 +64,15 @@ class TranscriptSMTP_SSL(TranscriptMixin, smtplib.SMTP_SSL):
     """``smtplib.SMTP_SSL`` with a redacted transcript."""
 
 
-def new_connection(implicit_tls=False, **options):
+def new_connection(server, implicit_tls=False, **options):
     """An unconnected ``smtplib.SMTP`` (``SMTP_SSL`` for ``implicit_tls``) for ``options``.
 
-    It logs a transcript when the ``mailspool.transcript`` logger is at
-    DEBUG now; otherwise it is smtplib's own class, without the cost of a
-    check on every line.
+    It logs a transcript, its lines prefixed with ``server``, when the
+    ``mailspool.transcript`` logger is at DEBUG now; otherwise it is
+    smtplib's own class, without the cost of a check on every line.
     """
-    if log.isEnabledFor(logging.DEBUG):
-        return TranscriptSMTP_SSL(**options) if implicit_tls else TranscriptSMTP(**options)
-    return smtplib.SMTP_SSL(**options) if implicit_tls else smtplib.SMTP(**options)
+    if not log.isEnabledFor(logging.DEBUG):
+        return smtplib.SMTP_SSL(**options) if implicit_tls else smtplib.SMTP(**options)
+    connection = TranscriptSMTP_SSL(**options) if implicit_tls else TranscriptSMTP(**options)
+    connection._transcript_server = server
+    return connection

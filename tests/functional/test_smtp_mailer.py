@@ -484,6 +484,21 @@ def test_transcript_logs_the_dialog_without_credentials_or_body(serve, server_tl
         assert secret not in dialog
 
 
+def test_transcript_starts_with_the_first_connection_opened_after_debug_is_turned_on(serve, caplog):
+    caplog.set_level(logging.INFO, logger="mailspool.transcript")
+    sink = serve(Recorder())
+    mailer = mailer_for(sink, tls="none")
+    with mailer.session():
+        mailer.send(SENDER, [ALICE], make_message("before"))
+        caplog.set_level(logging.DEBUG, logger="mailspool.transcript")
+        mailer.send(SENDER, [ALICE], make_message("same connection"))
+    assert not [r for r in caplog.records if r.name == "mailspool.transcript"]
+
+    mailer.send(SENDER, [ALICE], make_message("new connection"))
+
+    assert any("C: mail FROM:" in r.getMessage() for r in caplog.records if r.name == "mailspool.transcript")
+
+
 def test_transcript_redacts_auth_login_exchanges(serve, server_tls, ca_file, caplog):
     caplog.set_level(logging.DEBUG, logger="mailspool.transcript")
     handler = Recorder()
