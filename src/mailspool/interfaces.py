@@ -184,7 +184,8 @@ class IMailQueue(Interface):
     # where it exists (PostgresQueue: one UPDATE ... SKIP LOCKED leases a few
     # rows, handed out one per call); such a queue may also offer
     # ``release_unused()``, which processors call after each run to give
-    # back what was leased ahead and not delivered.
+    # back what was leased ahead and not delivered, and whatever it held
+    # for the run (PostgresQueue: each worker thread's claim connection).
 
     def claim(queue_id, now=None, max_wait=None):
         """Take the message for exclusive processing; return an IClaimedMessage or None.

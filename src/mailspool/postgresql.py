@@ -234,17 +234,19 @@ class _HotConnections:
         if not queue._schema_checked:
             queue.verify()
         for try_number in (1, 2):
+            connection = None
             try:
                 connection = queue.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
                 # Through SQLAlchemy, once per checkout: a connection the server dropped (a restart)
                 # fails here, which makes SQLAlchemy discard the pool's other stale ones too.
                 connection.exec_driver_sql("SELECT 1")
                 break
-            except DBAPIError as exc:
-                if not exc.connection_invalidated or try_number == 2:
-                    raise queue._error(exc) from exc
             except SQLAlchemyError as exc:
-                raise queue._error(exc) from exc
+                if connection is not None:
+                    connection.close()
+                stale = isinstance(exc, DBAPIError) and exc.connection_invalidated
+                if not stale or try_number == 2:
+                    raise queue._error(exc) from exc
         held = (connection, connection.connection.driver_connection.cursor())
         with self._lock:
             self._by_thread[thread] = held
