@@ -53,9 +53,12 @@ class ScriptedHandler:
     reply (a slow server). Accepted messages land in ``received`` as
     (sender, accepted recipients, bytes); ``connections`` counts EHLOs,
     ``mails`` MAIL commands, ``data_attempts`` DATA commands, ``resets`` RSETs.
+    ``hidden_extensions`` (upper case, e.g. ``{"8BITMIME"}``) are left out
+    of the EHLO reply: a server that does not offer them.
     """
 
     def __init__(self):
+        self.hidden_extensions = set()
         self.rcpt_replies = {}
         self.data_replies = []
         self.close_after_accepting = False
@@ -71,7 +74,7 @@ class ScriptedHandler:
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         self.connections += 1
         session.host_name = hostname
-        return responses
+        return [line for line in responses if line[4:].split(" ")[0].upper() not in self.hidden_extensions]
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         self.mails += 1

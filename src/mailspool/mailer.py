@@ -357,18 +357,27 @@ class SMTPMailer:
     def _mail_options(self, connection, fromaddr, toaddrs, message):
         """ESMTP parameters for MAIL FROM: SMTPUTF8, SIZE and BODY (RFC 6531, 1870, 6152).
 
-        Raises PermanentDeliveryError when the message cannot be sent to this
-        server at all (too large, or SMTPUTF8 needed but not offered).
+        SMTPUTF8 is requested for non-ASCII addresses and for UTF-8 in the
+        message's header fields (RFC 6532), BODY=8BITMIME for any non-ASCII
+        byte. Raises PermanentDeliveryError when the message cannot be sent
+        to this server as it is (too large, or an extension it needs not
+        offered): a queued message is never re-encoded.
         """
         server = self.server
-        options = []
-        if not all(address.isascii() for address in (fromaddr, *toaddrs)):
-            if not connection.has_extn("smtputf8"):
-                raise PermanentDeliveryError(
-                    f"{server} does not support SMTPUTF8, which the non-ASCII addresses of this message need",
-                    server=server,
-                )
-            options.append("SMTPUTF8")
+        eight_bit = not message.isascii()
+        utf8_headers = eight_bit and not _header_section(message).isascii()
+        utf8_addresses = not all(address.isascii() for address in (fromaddr, *toaddrs))
+        if eight_bit and not connection.has_extn("8bitmime"):
+            raise PermanentDeliveryError(
+                f"{server} does not support 8BITMIME, which the 8-bit data of this message needs "
+                "(a queued message is sent as committed, never re-encoded)",
+                server=server,
+            )
+        if (utf8_addresses or utf8_headers) and not connection.has_extn("smtputf8"):
+            needing = "non-ASCII addresses" if utf8_addresses else "UTF-8 header fields"
+            raise PermanentDeliveryError(
+                f"{server} does not support SMTPUTF8, which the {needing} of this message need", server=server)
+        options = ["SMTPUTF8"] if utf8_addresses or utf8_headers else []
         if connection.has_extn("size"):
             limit = _size_limit(connection)
             if limit and len(message) > limit:
@@ -377,7 +386,7 @@ class SMTPMailer:
                     server=server,
                 )
             options.append(f"SIZE={len(message)}")
-        if connection.has_extn("8bitmime") and not message.isascii():
+        if eight_bit:
             options.append("BODY=8BITMIME")
         return options
 
@@ -395,6 +404,12 @@ def _envelope_command(connection, verb, address, options=()):
     options = options if connection.does_esmtp else ()
     connection.putcmd(verb, "".join((prefix, "<", address, ">", *(" " + option for option in options))))
     return connection.getreply()
+
+
+def _header_section(message):
+    """The bytes of ``message`` before the blank line that ends its header fields."""
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[:end]
 
 
 def _server_name(host, port):

@@ -77,18 +77,48 @@ def test_utf8_names_subject_and_body_from_the_builder_arrive_byte_identical(
     assert not any("SMTPUTF8" in options for options in server.handler.mail_options)
 
 
-def test_utf8_headers_in_raw_bytes_arrive_byte_identical(server, committed, processor_for):
+def test_utf8_headers_in_raw_bytes_arrive_byte_identical_over_smtputf8_or_fail_for_good_without_it(
+    server, committed, processor_for, queue_entries
+):
+    # UTF-8 in header fields (RFC 6532) needs SMTPUTF8 even with ASCII addresses; the
+    # message is never re-encoded to fit a server without it.
     data = (f"From: {FROM_NAME} <{SENDER}>\r\nTo: {TO_NAME} <{ALICE}>\r\nSubject: {SUBJECT}\r\n"
             "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
             "\r\n" + BODY.replace("\n", "\r\n")).encode("utf-8")
     message = committed(data, [ALICE])
 
-    assert processor_for(server).run_once().sent == 1
+    summary = processor_for(server).run_once()
 
-    assert server.handler.received == [(SENDER, (ALICE,), message.data)]
-    headers, arrived = parse(message.data)
-    assert (headers["Subject"], text(arrived)) == (SUBJECT, BODY)
-    assert "BODY=8BITMIME" in server.handler.mail_options[0]
+    if offers_smtputf8(server):
+        assert summary.sent == 1
+        assert server.handler.received == [(SENDER, (ALICE,), message.data)]
+        headers, arrived = parse(message.data)
+        assert (headers["Subject"], text(arrived)) == (SUBJECT, BODY)
+        assert {"SMTPUTF8", "BODY=8BITMIME"} <= set(server.handler.mail_options[0])
+    else:
+        assert (summary.sent, summary.failed) == (0, 1)
+        (entry,) = queue_entries("failed")
+        assert "does not support SMTPUTF8, which the UTF-8 header fields of this message need" in entry.last_reply
+        assert server.handler.mails == 0
+
+
+def test_an_8bit_body_to_a_server_without_8bitmime_fails_for_good_unaltered(
+    fault_servers, committed, processor_for, queue_entries, queue_path
+):
+    server = fault_servers(enable_SMTPUTF8=True)
+    server.handler.hidden_extensions = {"8BITMIME"}
+    data = (f"From: {SENDER}\r\nTo: {ALICE}\r\nSubject: plain header\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
+            "\r\n" + BODY.replace("\n", "\r\n")).encode("utf-8")
+    message = committed(data, [ALICE])
+
+    summary = processor_for(server).run_once()
+
+    assert (summary.sent, summary.failed) == (0, 1)
+    (entry,) = queue_entries("failed")
+    assert "does not support 8BITMIME, which the 8-bit data of this message needs" in entry.last_reply
+    assert server.handler.mails == 0
+    assert MaildirQueue(queue_path).read_message(entry.queue_id) == message.data  # kept as committed
 
 
 INTERNATIONAL_ADDRESSES = {

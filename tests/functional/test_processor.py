@@ -188,17 +188,22 @@ def test_451_twice_then_accepted(scripted_server, queue_path, manager, clock):
 
 
 def test_8bit_and_utf8_messages_announce_8bitmime_and_smtputf8(scripted_server, queue_path, manager, clock):
-    commit(queue_path, manager, ["a@example.org"], "Subject: Grüße\r\n\r\nSchöne Grüße\r\n".encode())
+    commit(queue_path, manager, ["body@example.org"], "Subject: Hello\r\n\r\nSchöne Grüße\r\n".encode())
+    commit(queue_path, manager, ["header@example.org"], "Subject: Grüße\r\n\r\nSchöne Grüße\r\n".encode())
     commit(queue_path, manager, ["zoë@example.org"])
     commit(queue_path, manager, ["plain@example.org"])
 
     processor_for(scripted_server, queue_path, clock).run_once()
 
-    options = [" ".join(o) for o in scripted_server.handler.mail_options]
-    assert len(options) == 3
-    assert sum("BODY=8BITMIME" in o for o in options) == 1
-    assert sum("SMTPUTF8" in o for o in options) == 1
-    assert all("SIZE=" in o for o in options)
+    handler = scripted_server.handler
+    options = {recipients[0]: set(mail_options) - {f"SIZE={len(data)}"}
+               for (_, recipients, data), mail_options in zip(handler.received, handler.mail_options)}
+    assert options == {
+        "body@example.org": {"BODY=8BITMIME"},  # 8-bit text, ASCII headers
+        "header@example.org": {"BODY=8BITMIME", "SMTPUTF8"},  # UTF-8 in a header field (RFC 6532)
+        "zoë@example.org": {"SMTPUTF8"},  # a non-ASCII address, ASCII data
+        "plain@example.org": set(),
+    }
 
 
 def test_a_requeued_failed_message_is_retried_only_for_the_refused_recipient(scripted_server, queue_path, manager,
