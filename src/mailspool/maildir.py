@@ -65,8 +65,12 @@ LOG_DIR = "log"
 WAKEUP_DIR = "wakeup"
 
 # A writer that staged a file and died before tpc_finish leaves it in tmp/.
-# A day is far longer than any transaction, so older files are abandoned.
+# A day is far longer than any transaction, so older files are abandoned,
+# unless their writer (named in the file name) still runs on this host: then
+# the "day" may be a clock that jumped ahead in the middle of its commit, and
+# the file is kept up to LIVE_WRITER_STAGING_SECONDS.
 STALE_STAGING_SECONDS = 24 * 3600
+LIVE_WRITER_STAGING_SECONDS = 7 * 24 * 3600
 # A claim on another host whose processor has not renewed it for this long
 # is presumed dead (only consulted where its flock is not held).
 STALE_CLAIM_SECONDS = 300
@@ -93,7 +97,7 @@ def unique_name(now=None):
 
 # What unique_name() makes: a file in new/ named like this was written by
 # mailspool, so the legacy import never has to open it to find out.
-_OUR_QUEUE_ID = re.compile(r"\d+\.M\d{6}P\d+Q\d+R[0-9a-f]{8}\.")
+_OUR_QUEUE_ID = re.compile(r"\d+\.M\d{6}P(?P<pid>\d+)Q\d+R[0-9a-f]{8}\.(?P<host>.*)")
 
 
 class _BackgroundCloser:
@@ -520,10 +524,16 @@ class MaildirQueue:
     def _remove_stale_staging(self, now, done):
         for entry in _scan(os.path.join(self.path, STAGING_DIR)):
             try:
-                if now - entry.stat(follow_symlinks=False).st_mtime > STALE_STAGING_SECONDS:
-                    os.unlink(entry.path)
-                    done["stale_staging_removed"] += 1
-                    log.info("removed abandoned staging file %s", entry.path)
+                age = now - entry.stat(follow_symlinks=False).st_mtime
+                if age <= STALE_STAGING_SECONDS:
+                    continue
+                if age <= LIVE_WRITER_STAGING_SECONDS and _writer_runs_here(entry.name):
+                    log.warning("staging file %s looks %d s old but its writer still runs: kept (a clock that "
+                                "jumped ahead?)", entry.path, age)
+                    continue
+                os.unlink(entry.path)
+                done["stale_staging_removed"] += 1
+                log.info("removed abandoned staging file %s", entry.path)
             except FileNotFoundError:
                 continue
 
@@ -795,6 +805,27 @@ def _file_is_legacy(path):
         return _is_legacy_file(fd)
     finally:
         os.close(fd)
+
+
+def _writer_runs_here(queue_id):
+    """Whether the process that named ``queue_id`` (``unique_name``) still runs on this host.
+
+    False for names of other hosts or of other makers. A pid reused by an
+    unrelated process answers True: the file is then kept longer, never
+    removed early.
+    """
+    match = _OUR_QUEUE_ID.fullmatch(queue_id)
+    if match is None or match["host"] != _hostname:
+        return False
+    try:
+        os.kill(int(match["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, as another user
+    except (OverflowError, ValueError):
+        return False
+    return True
 
 
 def _read_envelope(fd, name):

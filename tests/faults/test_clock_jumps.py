@@ -1,4 +1,4 @@
-"""Case 19: the clock jumps back. No message is held for as long as the jump, none is retried on every run.
+"""Case 19: the clock jumps. No message is held for as long as the jump, none is retried on every run, none is lost.
 
 A deferred message is due at its file's mtime, which the processor sets
 to its own clock's "now + back-off". If that clock is then set back by a
@@ -9,17 +9,24 @@ further ahead than that is tried at once and then deferred from the new
 "now" as usual. Scheduled messages (``send_at``/``delay``: no attempt log)
 keep their time whatever the clock does.
 
-The clock is injected (``QueueProcessor(clock=...)``); the server is a real
-aiosmtpd server scripted to answer 451 to the first DATA commands.
+A clock that jumps a day *ahead* while an application is between
+``tpc_vote`` and ``tpc_finish`` makes its staged file look a day old;
+housekeeping keeps it because its writer still runs (a real child process
+parked in the commit), and it is published when the commit finishes.
+
+The clock is injected (``QueueProcessor(clock=...)``, ``cleanup(now=...)``);
+the server is a real aiosmtpd server scripted to answer 451 to the first
+DATA commands.
 """
 
 import datetime
 import os
+import time
 
 import pytest
 
 from mailspool import QueuedMailDelivery, QueueProcessor, SMTPMailer
-from mailspool.maildir import MaildirQueue
+from mailspool.maildir import STALE_STAGING_SECONDS, MaildirQueue
 from mailspool.processor import CLOCK_SKEW_ALLOWANCE
 
 DAY = 24 * 3600
@@ -148,3 +155,52 @@ def test_a_clock_that_keeps_going_back_costs_one_attempt_per_jump_never_one_per_
     assert handler.data_attempts == 1 + jumps
     assert handler.received == []
     assert os.listdir(queue_path / "deferred") != []  # still queued, nothing lost
+
+
+# An application in the middle of its commit: the mail is staged (tmp/, fsync'd), and
+# a second resource waits in tpc_vote for a line on stdin before the commit finishes.
+WAITING_COMMIT = """
+import transaction
+from mailspool import QueuedMailDelivery
+
+
+class WaitInVote:
+    def __init__(self, manager):
+        self.transaction_manager = manager
+
+    def sortKey(self):
+        return "~wait"  # after the mail's data manager: the mail is staged when this votes
+
+    def abort(self, transaction):
+        pass
+
+    tpc_begin = commit = tpc_abort = tpc_finish = abort
+
+    def tpc_vote(self, transaction):
+        print("voted", flush=True)
+        sys.stdin.readline()
+
+
+manager = transaction.TransactionManager(explicit=True)
+delivery = QueuedMailDelivery(sys.argv[1], transaction_manager=manager)
+manager.begin()
+delivery.send("shop@example.org", ["a@example.org"], b"Subject: staged across a clock jump\\r\\n\\r\\nbody\\r\\n")
+manager.get().join(WaitInVote(manager))
+manager.commit()
+print("committed", flush=True)
+"""
+
+
+def test_a_clock_jumping_a_day_ahead_mid_commit_does_not_remove_the_staged_message(spawn, queue_path):
+    queue = MaildirQueue(queue_path)
+    child = spawn(WAITING_COMMIT, queue_path)
+    child.wait_for("voted")
+    (staged,) = os.listdir(queue_path / "tmp")
+
+    a_day_ahead = time.time() + STALE_STAGING_SECONDS + 60  # housekeeping after the clock jumped
+    assert queue.cleanup(now=a_day_ahead)["stale_staging_removed"] == 0  # its writer still runs
+    child.send(b"go\n")
+    child.wait_for("committed")
+
+    assert [(entry.queue_id, entry.state) for entry in queue.entries()] == [(staged, "ready")]
+
