@@ -491,12 +491,25 @@ def entry_document(entry, now):
     }
 
 
+def write_json_array(documents, write):
+    """Write ``documents`` as the JSON array ``json.dumps(list(documents), indent=1)`` makes, plus a newline.
+
+    One document at a time: a list of 100,000 messages is never held in
+    memory as a whole.
+    """
+    separator = "[\n "
+    for document in documents:
+        write(separator + json.dumps(document, indent=1, ensure_ascii=False).replace("\n", "\n "))
+        separator = ",\n "
+    write("[]\n" if separator.startswith("[") else "\n]\n")
+
+
 def command_list(arguments, settings):
     queue = open_queue(settings)
     now = time.time()
     entries = queue.entries(arguments.state, limit=arguments.limit)
     if arguments.json:
-        print(json.dumps([entry_document(entry, now) for entry in entries], indent=1, ensure_ascii=False))
+        write_json_array((entry_document(entry, now) for entry in entries), sys.stdout.write)
         return EX_OK
     write = sys.stdout.write
     count = 0
