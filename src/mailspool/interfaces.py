@@ -22,8 +22,8 @@ class IMailDelivery(Interface):
         at delivery. ``message`` is an ``email.message.Message`` or the
         ``bytes`` of one (bare LF line endings are accepted and normalised to
         CRLF). A Message-Id and a Date header are added when absent; Bcc
-        headers are removed (their addresses stay envelope recipients only if
-        they are in ``toaddrs``).
+        and Resent-Bcc headers are removed (their addresses stay envelope
+        recipients only if they are in ``toaddrs``).
 
         Returns the Message-Id (with its angle brackets).
 

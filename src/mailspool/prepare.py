@@ -2,8 +2,9 @@
 
 This is the only place that serialises a message. Everything after it
 moves the bytes it returns without parsing or re-serialising them: the
-headers are edited as raw lines (add Message-Id and Date, drop Bcc), line
-endings are normalised to CRLF once, and the result is what SMTP DATA sends.
+headers are edited as raw lines (add Message-Id and Date, drop Bcc and
+Resent-Bcc), line endings are normalised to CRLF once, and the result is
+what SMTP DATA sends.
 """
 
 import dataclasses
@@ -34,6 +35,11 @@ class PreparedMessage:
     data: bytes
 
 
+# Blind-copy fields: their recipients are envelope recipients only, and the
+# fields are removed before the message is sent (RFC 5322, 3.6.3 and 3.6.6).
+_BLIND_FIELDS = (b"bcc", b"resent-bcc")
+
+
 def prepare(fromaddr, toaddrs, message):
     """Check and normalise the arguments of ``IMailDelivery.send``.
 
@@ -55,7 +61,7 @@ def prepare(fromaddr, toaddrs, message):
     header_lines = [line for line in header_lines if line]
     _check_header_lines(header_lines)
     fields = _fields(header_lines)
-    fields = [field for field in fields if _field_name(field) != b"bcc"]
+    fields = [field for field in fields if _field_name(field) not in _BLIND_FIELDS]
     names = {_field_name(field) for field in fields}
     message_id = _existing_message_id(fields)
     if message_id is None:

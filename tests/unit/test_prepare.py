@@ -141,6 +141,17 @@ def test_bcc_is_removed_including_its_continuation_lines():
     assert prepared.recipients == ("alice@example.org", "hidden@example.org")
 
 
+def test_resent_bcc_is_removed_like_bcc():
+    message = (
+        b"Resent-From: desk@example.org\r\nResent-To: alice@example.org\r\n"
+        b"Resent-Bcc: hidden@example.org,\r\n other@example.org\r\nSubject: forwarded\r\n\r\nbody\r\n"
+    )
+    prepared = prepare("desk@example.org", ["alice@example.org", "hidden@example.org"], message)
+    head = prepared.data.partition(b"\r\n\r\n")[0]
+    assert b"hidden" not in head and b"other@" not in head
+    assert b"Resent-To: alice@example.org" in head and b"Subject: forwarded" in head
+
+
 def test_bare_lf_and_bare_cr_become_crlf_and_the_end_gets_one():
     prepared = prepare("shop@example.org", ["alice@example.org"], b"Subject: x\n\nline 1\rline 2\nlast")
     assert prepared.data.endswith(b"\r\n\r\nline 1\r\nline 2\r\nlast\r\n")
