@@ -273,6 +273,11 @@ class Sink:
             raise TimeoutError(f"the sink process did not answer {command!r} within {SINK_TIMEOUT:g}s")
         return self._conn.recv()
 
+    @property
+    def pid(self):
+        """The sink process's id (bench/postgresql.py reads its CPU time)."""
+        return self._process.pid
+
     def reset(self):
         self._ask("reset")
 

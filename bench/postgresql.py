@@ -109,22 +109,55 @@ def fill(location, count, tag):
     os.sync()
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(wanted):
+    """CPU time (user + system) used so far by the processes ``wanted(pid, command name)`` selects (Linux /proc)."""
+    total = 0.0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as stat:
+                command, fields = stat.read().split(" (", 1)[1].rsplit(") ", 1)
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if wanted(int(name), command):
+            utime, stime = fields.split()[11:13]
+            total += (int(utime) + int(stime)) / _TICKS
+    return total
+
+
 def drain(location, sink, processes, workers, count):
-    """Time ``processes`` processes of ``workers`` workers draining ``count`` messages; return msg/s."""
+    """Time ``processes`` processes of ``workers`` workers draining ``count`` messages.
+
+    Returns (msg/s, CPU microseconds per message by part: the processors,
+    the PostgreSQL server's processes, the sink), the CPU taken from /proc
+    when the drain starts and ends.
+    """
     children = [subprocess.Popen([sys.executable, "-c", DRAIN_CHILD, location, str(sink.port), str(workers)],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                 for _ in range(processes)]
+    pids = {child.pid for child in children}
+    parts = {
+        "processors": lambda pid, command: pid in pids,
+        "PostgreSQL": lambda pid, command: command == "postgres",
+        "sink": lambda pid, command: pid == sink.pid,
+    }
     try:
         for child in children:
             if child.stdout.readline().strip() != "ready":
                 raise SystemExit("a drain child did not start")
         sink.reset()
+        before = {part: cpu_seconds(wanted) for part, wanted in parts.items()}
         started = time.perf_counter()
         for child in children:
             child.stdin.write("go\n")
             child.stdin.flush()
         sent = sum(int(child.stdout.readline()) for child in children)
         seconds = time.perf_counter() - started
+        cpu = {part: (cpu_seconds(wanted) - before[part]) / count * 1e6 for part, wanted in parts.items()}
     finally:
         for child in children:
             child.stdin.close()
@@ -132,7 +165,7 @@ def drain(location, sink, processes, workers, count):
     received = sink.stats()["messages"]
     if sent != count or received != count:
         raise SystemExit(f"FAILED CHECK: {location}: {sent} sent, {received} received, {count} expected")
-    return count / seconds
+    return count / seconds, cpu
 
 
 # -- 3. latency --------------------------------------------------------------------------------------------------
@@ -260,14 +293,21 @@ def measure_drain(database, scratch, options):
         ("PostgreSQL, 1 process x 4 workers", url, 1, 4),
         ("PostgreSQL, 4 processes", url, 4, 1))
     rates = {label: [] for label, *_ in contenders}
+    cpu = {label: [] for label, *_ in contenders}
     with Sink(0, "hooks") as sink:
         for round_number in range(options.runs):
             for label, location, processes, workers in contenders:
                 fill(location, options.drain, round_number)
-                rates[label].append(drain(location, sink, processes, workers, options.drain))
+                rate, used = drain(location, sink, processes, workers, options.drain)
+                rates[label].append(rate)
+                cpu[label].append(used)
     for label, *_ in contenders:
         print(f"  {label:<34} median {statistics.median(rates[label]):6.0f} msg/s, best {max(rates[label]):6.0f}"
               f"  (rounds: {', '.join(f'{rate:.0f}' for rate in rates[label])})")
+    print("  CPU per message, median of the rounds (processors / PostgreSQL server / sink):")
+    for label, *_ in contenders:
+        print(f"    {label:<34} " + " / ".join(
+            f"{statistics.median(used[part] for used in cpu[label]):4.0f} us" for part in cpu[label][0]))
     for reference in ("maildir, 1 process x 4 workers", "maildir, 4 processes"):
         ratios = [postgresql / maildir for postgresql, maildir in zip(rates["PostgreSQL, 4 processes"], rates[reference])]
         ratio = statistics.median(ratios)
