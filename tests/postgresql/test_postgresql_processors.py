@@ -165,3 +165,38 @@ def test_a_daemon_survives_a_postgresql_restart_and_delivers_what_was_committed_
     assert not thread.is_alive()
     assert any("lost the LISTEN connection" in record.getMessage() for record in caplog.records)
     assert set(crashkit.received_ids(smtp_sink).values()) == {1}
+
+
+# An application on the URL (second-resource) mode, killed between tpc_vote and tpc_finish:
+# the mail row was committed as 'staged' in tpc_vote and is never published.
+KILLED_COMMIT = """
+import transaction
+from crashkit import ParkingResource
+from mailspool import QueuedMailDelivery
+from mailspool.postgresql import PostgresQueue
+
+manager = transaction.TransactionManager(explicit=True)
+delivery = QueuedMailDelivery(PostgresQueue(sys.argv[1]), transaction_manager=manager)
+manager.begin()
+delivery.send("shop@example.org", ["alice@example.org"], b"Subject: never published\\r\\n\\r\\nbody\\r\\n")
+manager.get().join(ParkingResource(manager, "tpc_vote"))
+manager.commit()
+"""
+
+
+def test_an_application_killed_between_vote_and_finish_leaves_a_staged_row_that_is_never_sent_and_goes_in_a_day(
+        spawn, queue, postgres_url, smtp_sink):
+    child = spawn(KILLED_COMMIT, postgres_url)
+    child.wait_for("parked in tpc_vote")
+    child.kill()
+
+    with queue.engine.connect() as connection:
+        staged = connection.execute(sa.text("SELECT count(*) FROM mailspool_message WHERE state = 'staged'")).scalar()
+    assert staged == 1 and queue.counts() == EMPTY  # committed in tpc_vote, invisible to processors
+    summary = QueueProcessor(queue, SMTPMailer(smtp_sink.host, smtp_sink.port, tls="none")).run_once()
+    assert (summary.sent, summary.failed) == (0, 0) and smtp_sink.received == []
+
+    assert queue.cleanup(now=time.time())["stale_staging_removed"] == 0  # could still be a live commit
+    assert queue.cleanup(now=time.time() + 24 * 3600 + 60)["stale_staging_removed"] == 1
+    with queue.engine.connect() as connection:
+        assert connection.execute(sa.text("SELECT count(*) FROM mailspool_message")).scalar() == 0
