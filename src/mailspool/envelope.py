@@ -14,6 +14,7 @@ rewrites the message.
 
 import dataclasses
 import json
+import os
 
 from mailspool.exceptions import QueueFileError
 from mailspool.reply import SMTPReply
@@ -62,15 +63,20 @@ class Envelope:
         ``name`` is used in errors. Raises ``QueueFileError`` naming what is
         wrong when the prefix is missing, truncated or not format 1.
         """
-        head = stream.read(PREFIX_CHUNK)
-        while head.count(b"\n") < 2 and len(head) < MAX_ENVELOPE_BYTES:
-            more = stream.read(len(head))
-            if not more:
-                break
-            head += more
-        envelope, offset = cls.from_prefix(head, name)
+        envelope, offset = cls.from_prefix(_prefix_bytes(lambda size, start: stream.read(size)), name)
         stream.seek(offset)
         return envelope
+
+    @classmethod
+    def read_at(cls, fd, name):
+        """Read the prefix of the file open as ``fd``; return ``(envelope, offset of the message)``.
+
+        Reads with ``pread`` from the start of the file (the descriptor's
+        position is left alone), one call for nearly every envelope. Raises
+        ``QueueFileError`` as ``read_from`` does, OSError when the file
+        cannot be read.
+        """
+        return cls.from_prefix(_prefix_bytes(lambda size, start: os.pread(fd, size, start)), name)
 
     @classmethod
     def from_prefix(cls, head, name):
@@ -104,6 +110,22 @@ class Envelope:
         except (ValueError, KeyError, TypeError) as exc:
             raise QueueFileError(f"{name}: envelope is not valid: {exc}", name) from exc
         return envelope, envelope_end + 1
+
+
+def _prefix_bytes(read):
+    """The first bytes of a queue file, enough to hold its two prefix lines when it has them.
+
+    ``read(size, start)`` returns up to ``size`` bytes from offset
+    ``start``, and is called with consecutive ranges from 0. Reads
+    ``PREFIX_CHUNK`` first, then doubles, up to ``MAX_ENVELOPE_BYTES``.
+    """
+    head = read(PREFIX_CHUNK, 0)
+    while head.count(b"\n") < 2 and len(head) < MAX_ENVELOPE_BYTES:
+        more = read(len(head), len(head))
+        if not more:
+            break
+        head += more
+    return head
 
 
 @dataclasses.dataclass(frozen=True)

@@ -380,7 +380,7 @@ class MaildirQueue:
             self._set_aside(target, queue_id, "not a regular file")
             raise QueueFileError(f"{source}: not a regular file; moved to failed/", source)
         try:
-            envelope, data_offset = _read_envelope(fd, source)
+            envelope, data_offset = Envelope.read_at(fd, source)
             attempts = self._read_attempts(queue_id)
             has_log = attempts is not None
         except (QueueFileError, OSError) as exc:
@@ -681,7 +681,7 @@ class MaildirQueue:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 return QueueEntry(queue_id, state, problem="not a regular file")
-            envelope, offset = _read_envelope(fd, queue_id)
+            envelope, offset = Envelope.read_at(fd, queue_id)
             size = info.st_size - offset
         except (QueueFileError, OSError) as exc:
             return QueueEntry(queue_id, state, problem=str(exc))
@@ -826,23 +826,6 @@ def _writer_runs_here(queue_id):
     except (OverflowError, ValueError):
         return False
     return True
-
-
-def _read_envelope(fd, name):
-    """Parse the prefix of the queue file open as ``fd``; return ``(envelope, offset of the message)``.
-
-    One ``pread`` from the start of the file nearly always holds the whole
-    prefix; a longer envelope is read on with a stream. Raises
-    ``QueueFileError`` (naming ``name``) as ``Envelope.from_prefix`` does,
-    and OSError when the file cannot be read.
-    """
-    head = os.pread(fd, PREFIX_CHUNK, 0)
-    if head.count(b"\n") < 2 and len(head) == PREFIX_CHUNK:  # a very long envelope
-        with os.fdopen(os.dup(fd), "rb") as stream:
-            stream.seek(0)
-            envelope = Envelope.read_from(stream, name)
-            return envelope, stream.tell()
-    return Envelope.from_prefix(head, name)
 
 
 def _is_legacy_file(fd):

@@ -75,6 +75,19 @@ def test_read_from_leaves_the_stream_at_the_first_message_byte_even_past_the_fir
     assert stream.read() == message
 
 
+@ON_DISK
+@given(envelopes, message_bytes, st.integers(min_value=0, max_value=3 * PREFIX_CHUNK))
+def test_read_at_finds_the_first_message_byte_of_a_file_even_past_the_first_chunk(envelope, message, padding):
+    envelope = Envelope(envelope.sender, envelope.recipients, envelope.message_id + "x" * padding,
+                        envelope.enqueued_at, envelope.not_before)
+    with tempfile.TemporaryFile() as file:
+        file.write(envelope.to_bytes() + message)
+        file.flush()
+        parsed, offset = Envelope.read_at(file.fileno(), "q")
+        file.seek(offset)
+        assert (parsed, file.read()) == (envelope, message)
+
+
 @QUICK
 @given(attempts)
 def test_an_attempt_is_one_line_and_round_trips(attempt):
