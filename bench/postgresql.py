@@ -112,9 +112,12 @@ def fill(location, count, tag):
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(wanted):
-    """CPU time (user + system) used so far by the processes ``wanted(pid, command name)`` selects (Linux /proc)."""
-    total = 0.0
+def cpu_seconds(parts):
+    """CPU time (user + system) used so far by each part's processes, in one pass over /proc (Linux).
+
+    ``parts`` maps a name to ``wanted(pid, command name)``; returns name -> seconds.
+    """
+    totals = dict.fromkeys(parts, 0.0)
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -123,10 +126,11 @@ def cpu_seconds(wanted):
                 command, fields = stat.read().split(" (", 1)[1].rsplit(") ", 1)
         except (OSError, ValueError):
             continue  # gone meanwhile
-        if wanted(int(name), command):
-            utime, stime = fields.split()[11:13]
-            total += (int(utime) + int(stime)) / _TICKS
-    return total
+        for part, wanted in parts.items():
+            if wanted(int(name), command):
+                utime, stime = fields.split()[11:13]
+                totals[part] += (int(utime) + int(stime)) / _TICKS
+    return totals
 
 
 def drain(location, sink, processes, workers, count):
@@ -150,14 +154,15 @@ def drain(location, sink, processes, workers, count):
             if child.stdout.readline().strip() != "ready":
                 raise SystemExit("a drain child did not start")
         sink.reset()
-        before = {part: cpu_seconds(wanted) for part, wanted in parts.items()}
+        before = cpu_seconds(parts)
         started = time.perf_counter()
         for child in children:
             child.stdin.write("go\n")
             child.stdin.flush()
         sent = sum(int(child.stdout.readline()) for child in children)
         seconds = time.perf_counter() - started
-        cpu = {part: (cpu_seconds(wanted) - before[part]) / count * 1e6 for part, wanted in parts.items()}
+        after = cpu_seconds(parts)
+        cpu = {part: (after[part] - before[part]) / count * 1e6 for part in parts}
     finally:
         for child in children:
             child.stdin.close()
