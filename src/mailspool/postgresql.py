@@ -142,10 +142,12 @@ _CLAIM_DUE = (_READY, _DEFERRED_DUE, _ABANDONED)
 _CLAIM_DUE_OR_CLOCK_BACK = (_READY, _DEFERRED_DUE, _CLOCK_BACK, _ABANDONED)
 _CLAIM_ANY_TIME = (_READY, _CLAIM_SQL.format(where="state = 'deferred'", order="due_at, id"),
                    _CLAIM_SQL.format(where="state = 'active' AND lease_expires < now()", order="lease_expires"))
-_REMOVE_SQL = """
+# Run once per delivered message, as a statement prepared on each hot connection (see _HotConnections.remove).
+_REMOVE_STATEMENT = b"mailspool_remove"
+_REMOVE_SQL = b"""
 DELETE FROM mailspool_message
 USING (SELECT set_config('synchronous_commit', 'off', true) AS setting) AS asynchronous_commit
-WHERE asynchronous_commit.setting IS NOT NULL AND queue_id = %(queue_id)s AND lease_owner = %(owner)s
+WHERE asynchronous_commit.setting IS NOT NULL AND queue_id = $1 AND lease_owner = $2
 """
 
 
@@ -197,6 +199,12 @@ class StagedRow:
             log.exception("could not remove staged row %s; cleanup() removes it within a day", self.queue_id)
 
 
+def _check_result(result):
+    """Raise the psycopg error a libpq result carries, if it is not a success."""
+    if result.status not in (psycopg.pq.ExecStatus.COMMAND_OK, psycopg.pq.ExecStatus.TUPLES_OK):
+        raise psycopg.errors.error_from_result(result)
+
+
 class _HotConnections:
     """One autocommit connection per thread for the statements a processor runs per message.
 
@@ -210,6 +218,7 @@ class _HotConnections:
     returns them all to the pool (the processor calls it after each run,
     through ``release_unused``); a connection that fails is invalidated,
     and its replacement is checked with a ``SELECT 1`` when it is taken.
+    The removal, one per delivered message, goes further down: see ``remove``.
     """
 
     def __init__(self, queue):
@@ -225,6 +234,34 @@ class _HotConnections:
             held[1].execute(statement, parameters, binary=fetch)
             return held[1].fetchall() if fetch else None
         except (psycopg.Error, SQLAlchemyError) as exc:
+            self._give_back(thread, invalidate=True)
+            raise self._queue._error(exc) from exc
+
+    def remove(self, queue_id, owner):
+        """Delete the row ``queue_id`` if ``owner`` holds its lease (committed by itself). Raises ``QueueError``.
+
+        Through libpq directly, as a statement this connection prepared
+        once: psycopg's cursor would convert the query and adapt the
+        parameters on every call, which costs more client CPU than the
+        statement itself (twice as much, measured in a loop). The one
+        round trip and its commit are the same.
+        """
+        thread = threading.get_ident()
+        held = self._by_thread.get(thread) or self._take(thread)
+        pooled = held[0].connection
+        pgconn = pooled.driver_connection.pgconn
+        prepared = pooled.info  # kept with the pooled connection across checkouts, dropped with it
+        values = [queue_id.encode(), owner.encode()]
+        try:
+            if not prepared.get(_REMOVE_STATEMENT):
+                _check_result(pgconn.prepare(_REMOVE_STATEMENT, _REMOVE_SQL, None))
+                prepared[_REMOVE_STATEMENT] = True
+            try:
+                _check_result(pgconn.exec_prepared(_REMOVE_STATEMENT, values))
+            except psycopg.errors.InvalidSqlStatementName:  # someone ran DEALLOCATE ALL (or DISCARD ALL) on it
+                _check_result(pgconn.prepare(_REMOVE_STATEMENT, _REMOVE_SQL, None))
+                _check_result(pgconn.exec_prepared(_REMOVE_STATEMENT, values))
+        except psycopg.Error as exc:
             self._give_back(thread, invalidate=True)
             raise self._queue._error(exc) from exc
 
@@ -568,7 +605,7 @@ class PostgresQueue:
             self._settle(claim, state="sent", settled_at=_ts(time.time()))
             return
         # As for claims: a crash that undoes this can only mean one more delivery, never a lost one.
-        self._hot_connections.execute(_REMOVE_SQL, {"queue_id": claim.queue_id, "owner": claim.lease_owner})
+        self._hot_connections.remove(claim.queue_id, claim.lease_owner)
 
     def defer(self, claim, attempt, until):
         """See ``IMailQueue.defer``: a due time, not a sleep."""

@@ -331,3 +331,39 @@ def test_a_claim_connection_the_server_dropped_is_replaced_on_the_next_call(pg_e
         assert queue.counts() == dict(EMPTY, active=1)  # the first stays leased until its lease runs out
     finally:
         queue.close()
+
+
+def test_removals_work_on_a_claim_connection_taken_again_from_the_pool(pg_engine, manager):
+    queue = PostgresQueue(pg_engine, claim_batch=1)
+    queue.create_schema()
+    commit(queue, manager, 2)
+    try:
+        for _ in range(2):  # two runs; the second gets the pooled connection the first prepared the removal on
+            queue.complete(queue.claim_next())
+            queue.release_unused()
+
+        assert queue.counts() == EMPTY
+    finally:
+        queue.close()
+
+
+def test_removals_survive_a_pool_that_deallocates_prepared_statements(postgres_url, manager):
+    engine = sa.create_engine(postgres_url)
+
+    @sa.event.listens_for(engine, "checkout")
+    def deallocate_all(dbapi_connection, record, proxy):  # as a pool reset with DISCARD ALL would
+        dbapi_connection.execute("DEALLOCATE ALL")
+        dbapi_connection.commit()
+
+    queue = PostgresQueue(engine, claim_batch=1)
+    queue.create_schema()
+    commit(queue, manager, 2)
+    try:
+        for _ in range(2):
+            queue.complete(queue.claim_next())
+            queue.release_unused()
+
+        assert queue.counts() == EMPTY
+    finally:
+        queue.close()
+        engine.dispose()
