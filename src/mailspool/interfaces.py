@@ -211,6 +211,14 @@ class IMailQueue(Interface):
     def complete(claim):
         """The message was delivered to every recipient: remove it."""
 
+    def discard(claim):
+        """Remove a claimed message that was not delivered here: it now lives in another queue.
+
+        ``mailspool move`` calls it once the message is written to its
+        target. Unlike ``complete`` it records no delivery (a PostgreSQL
+        queue with ``keep_sent`` keeps no ``sent`` row for it).
+        """
+
     def defer(claim, attempt, until):
         """Record ``attempt`` and make the message due again at ``until`` (epoch seconds).
 
@@ -283,7 +291,7 @@ class IMailQueue(Interface):
     def delete(queue_id):
         """Remove a message that is not being delivered, for good; return its former state, or None.
 
-        The only removal besides ``complete``; for operators, who confirm it.
+        The only removal besides ``complete`` and ``discard``; for operators, who confirm it.
         """
 
     def announce():

@@ -434,6 +434,10 @@ class MaildirQueue:
         if claim._has_log:
             _unlink_quietly(self._path(LOG_DIR, claim.queue_id))
 
+    def discard(self, claim):
+        """See ``IMailQueue.discard``: the same removal as ``complete`` (a maildir keeps nothing of sent mail)."""
+        self.complete(claim)
+
     def defer(self, claim, attempt, until):
         """See ``IMailQueue.defer``. The due time is the file's mtime (as Postfix does)."""
         self._append_attempt(claim.queue_id, attempt)

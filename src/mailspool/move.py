@@ -56,7 +56,7 @@ def move_queue(source, target):
             raise
         done["moved" if written else "already_there"] += 1
         if claim is not None:
-            source.complete(claim)
+            source.discard(claim)
         else:
             source.delete(entry.queue_id)
         log.info("moved %s (%s, %s)", entry.queue_id, entry.envelope.message_id, entry.state)

@@ -607,6 +607,10 @@ class PostgresQueue:
         # As for claims: a crash that undoes this can only mean one more delivery, never a lost one.
         self._hot_connections.remove(claim.queue_id, claim.lease_owner)
 
+    def discard(self, claim):
+        """See ``IMailQueue.discard``: the row is deleted, whatever ``keep_sent`` says."""
+        self._hot_connections.remove(claim.queue_id, claim.lease_owner)
+
     def defer(self, claim, attempt, until):
         """See ``IMailQueue.defer``: a due time, not a sleep."""
         self._settle(claim, state="deferred", due_at=_ts(until), **_appended(attempt))

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import sqlalchemy as sa
 import transaction
 
 from mailspool import QueuedMailDelivery
@@ -176,6 +177,19 @@ def test_move_a_maildir_into_postgresql_and_back_keeps_every_message_and_its_sta
     assert back.returncode == 0, back.stderr
     assert queue.counts() == EMPTY
     assert_same_messages(maildir, before)
+
+
+def test_a_move_out_of_postgresql_with_keep_sent_leaves_no_sent_rows(mailspool, tmp_path, postgres_url, queue):
+    queue.create_schema()
+    commit(queue, 2, tag="audited")
+    maildir = MaildirQueue(tmp_path / "queue")
+
+    result = mailspool("move", postgres_url, "--to", maildir.path, config_text="[mailspool]\nkeep_sent = 5d\n")
+
+    assert result.returncode == 0, result.stderr
+    assert maildir.counts() == dict(EMPTY, ready=2)
+    with queue.engine.connect() as connection:  # moved, not delivered: nothing is kept as 'sent'
+        assert connection.execute(sa.text("SELECT state FROM mailspool_message")).scalars().all() == []
 
 
 def test_a_move_run_again_after_an_interruption_writes_nothing_twice(mailspool, tmp_path, postgres_url, queue):
