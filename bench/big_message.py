@@ -14,16 +14,16 @@ size). Each child measures itself, so the sink's memory is never counted:
   ``ru_maxrss`` would not do: it survives ``exec``, so a child starts with
   the peak of the (large) parent it was forked from;
 * a second child runs under ``tracemalloc`` and splits the Python
-  allocations: what is held when smtplib's ``SMTP.data()`` is entered (the
-  message read from the queue file) and the peak inside ``data()``
-  (dot-stuffing and the terminating ``.CRLF``); tracemalloc slows the run,
-  so its child is not timed;
+  allocations: what is held when the mailer's DATA step
+  (``mailspool.mailer._send_data``) is entered (the message read from the
+  queue file) and the peak inside it (dot-stuffing and the terminating
+  ``.CRLF``); tracemalloc slows the run, so its child is not timed;
 * time of ``run_once()`` (best of the rounds), and for comparison plain
   ``smtplib.SMTP.sendmail`` of the same bytes from memory (also in a child).
 
-Two bodies: lines of which one in 50 starts with "." (smtplib must
-dot-stuff: one more copy), and the same without any leading dot (its
-``re.sub`` then returns the message itself).
+Two bodies: lines of which one in 50 starts with "." (dot-stuffing makes
+one more copy), and the same without any leading dot (the message is then
+sent as it is).
 """
 
 import argparse
@@ -48,16 +48,17 @@ from mailspool import QueueProcessor, SMTPMailer
 queue_path, host, port, traced = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "traced"
 result = {}
 if traced:
-    import smtplib, tracemalloc
+    import tracemalloc
+    from mailspool import mailer
     tracemalloc.start()
-    original_data = smtplib.SMTP.data
-    def data(self, msg):
+    original_send_data = mailer._send_data
+    def send_data(connection, message):
         result["held_at_data_entry"] = tracemalloc.get_traced_memory()[0]
         tracemalloc.reset_peak()
-        reply = original_data(self, msg)
+        reply = original_send_data(connection, message)
         result["peak_inside_data"] = tracemalloc.get_traced_memory()[1]
         return reply
-    smtplib.SMTP.data = data
+    mailer._send_data = send_data
 processor = QueueProcessor(queue_path, SMTPMailer(host, port, tls="none", timeout=300))
 if traced:
     result["before_run"] = tracemalloc.get_traced_memory()[0]
@@ -159,9 +160,9 @@ def main():
                   f"(median {statistics.median(r['seconds'] for r in raw):.2f} s), "
                   f"peak RSS growth {max(r['rss_growth'] for r in raw) / n:.2f} x message "
                   "(message already in memory, not counted)")
-            print(f"  tracemalloc (mailspool child): held when SMTP.data() starts "
+            print(f"  tracemalloc (mailspool child): held when the DATA step starts "
                   f"{(traced['held_at_data_entry'] - traced['before_run']) / n:.2f} x, "
-                  f"peak inside data() {(traced['peak_inside_data'] - traced['before_run']) / n:.2f} x, "
+                  f"peak inside it {(traced['peak_inside_data'] - traced['before_run']) / n:.2f} x, "
                   f"peak of the whole run {(traced['peak_in_run'] - traced['before_run']) / n:.2f} x message")
 
 

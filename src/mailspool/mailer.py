@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import smtplib
+import socket
 import ssl
 import subprocess
 import threading
@@ -269,6 +270,9 @@ class SMTPMailer:
         connection._host = host  # smtplib sets it only in __init__; TLS checks the certificate against it
         try:
             code, text = connection.connect(host, port)
+            # Each command is one write followed by a wait for the reply, so Nagle's algorithm only ever
+            # delays something: the end-of-data line written after a large message (see _send_data).
+            connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if code != 220:
                 raise _reply_error(SMTPReply.from_smtplib(code, text), f"{server} greeted with an error",
                                    server, transient=True)
@@ -342,7 +346,7 @@ class SMTPMailer:
                 _reset(connection)
                 raise _refusal_error(f"{server} refused every recipient", refused, server)
             if send_data:
-                reply = SMTPReply.from_smtplib(*connection.data(message))
+                reply = SMTPReply.from_smtplib(*_send_data(connection, message))
                 if reply.code != 250:
                     raise _reply_error(reply, f"{server} refused the message", server)
             return refused
@@ -403,6 +407,45 @@ def _envelope_command(connection, verb, address, options=()):
     prefix = "FROM:" if verb == "mail" else "TO:"
     options = options if connection.does_esmtp else ()
     connection.putcmd(verb, "".join((prefix, "<", address, ">", *(" " + option for option in options))))
+    return connection.getreply()
+
+
+# From this size on, the message is written as it is and the end-of-data line after it, rather than
+# copied once more to append that line (25 MB would cost another 25 MB for the moment of the send).
+SEPARATE_END_OF_DATA = 1 << 20
+
+
+def _data_payload(message):
+    """(body, end): ``message`` dot-stuffed (RFC 5321, 4.5.2) and the line that ends the data.
+
+    Together exactly the bytes smtplib's ``SMTP.data`` sends. ``body`` is
+    ``message`` itself, not a copy, when no line starts with a dot.
+    """
+    body = message.replace(b"\n.", b"\n..")
+    if body.startswith(b"."):
+        body = b"." + body
+    return body, (b".\r\n" if body.endswith(b"\r\n") else b"\r\n.\r\n")
+
+
+def _send_data(connection, message):
+    """DATA, then the message; return the final reply as smtplib's ``SMTP.data`` does.
+
+    Raises ``smtplib.SMTPDataError`` when DATA is not answered with 354,
+    and smtplib's errors for a broken connection, as ``SMTP.data`` does.
+    The same bytes on the wire, with one copy of the message less: a
+    message of ``SEPARATE_END_OF_DATA`` bytes or more is sent without
+    copying it (two writes), a smaller one in one write.
+    """
+    connection.putcmd("data")
+    code, text = connection.getreply()
+    if code != 354:
+        raise smtplib.SMTPDataError(code, text)
+    body, end = _data_payload(message)
+    if len(body) < SEPARATE_END_OF_DATA:
+        connection.send(body + end)
+    else:
+        connection.send(body)
+        connection.send(end)
     return connection.getreply()
 
 

@@ -9,6 +9,8 @@ import asyncio
 import base64
 import contextlib
 import logging
+import smtplib
+import socket
 import ssl
 import threading
 import traceback
@@ -18,7 +20,7 @@ import trustme
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from mailspool.exceptions import DeliveryError, PermanentDeliveryError, TransientDeliveryError
-from mailspool.mailer import SMTPMailer
+from mailspool.mailer import SEPARATE_END_OF_DATA, SMTPMailer
 from mailspool.reply import SMTPReply
 from mailspool.sink import ReceivedMessage, SMTPSink, free_port
 
@@ -516,3 +518,29 @@ def test_transcript_redacts_auth_login_exchanges(serve, server_tls, ca_file, cap
                    base64.b64encode(USERNAME.encode()).decode()):
         assert secret not in dialog
     assert len(handler.received) == 1
+
+
+@pytest.mark.parametrize("message", [
+    b"Subject: dots\r\n\r\n.leading\r\n..two\r\nmiddle.dot\r\n.\r\nlast\r\n",
+    b".Starts-With: a dot\r\n\r\nbody\r\n",
+    b"Subject: no line break at the end\r\n\r\nbody",
+    b"Subject: large, two writes\r\n\r\n" + b".dot\r\nline\r\n" * (SEPARATE_END_OF_DATA // 10 + 1),
+    b"Subject: large, no dots\r\n\r\n" + b"line\r\n" * (SEPARATE_END_OF_DATA // 6 + 1),
+], ids=["dots", "starts-with-dot", "no-final-crlf", "large-with-dots", "large"])
+def test_the_server_receives_what_smtplib_data_would_have_sent(smtp_sink, message):
+    SMTPMailer(smtp_sink.host, smtp_sink.port, tls="none", timeout=TIMEOUT).send(SENDER, [ALICE], message)
+    with smtplib.SMTP(smtp_sink.host, smtp_sink.port, timeout=TIMEOUT) as plain:
+        plain.sendmail(SENDER, [ALICE], message)
+
+    ours, smtplibs = smtp_sink.received
+    assert ours.data == smtplibs.data
+
+
+def test_connections_do_not_wait_for_nagle(smtp_sink):
+    mailer = SMTPMailer(smtp_sink.host, smtp_sink.port, tls="none", timeout=TIMEOUT)
+    with mailer.session():
+        mailer.send(SENDER, [ALICE], make_message())
+
+        connection = mailer._local.connection  # the end of a large message is a write of its own
+        assert connection.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
