@@ -270,8 +270,8 @@ class SMTPMailer:
         connection._host = host  # smtplib sets it only in __init__; TLS checks the certificate against it
         try:
             code, text = connection.connect(host, port)
-            # Each command is one write followed by a wait for the reply, so Nagle's algorithm only ever
-            # delays something: the end-of-data line written after a large message (see _send_data).
+            # Every command waits for its reply, so Nagle's algorithm has nothing to coalesce; it could only
+            # hold back the end-of-data line written after a large message (see _send_data).
             connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if code != 220:
                 raise _reply_error(SMTPReply.from_smtplib(code, text), f"{server} greeted with an error",
