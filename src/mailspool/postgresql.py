@@ -13,7 +13,8 @@ Two ways to enqueue:
   the transaction as a second resource, like the maildir: the row is
   inserted and committed as ``staged`` in ``tpc_vote`` and made ``ready``
   in ``tpc_finish``. A crash between the application's database commit and
-  ``tpc_finish`` leaves a staged row (removed by ``cleanup`` after a day).
+  ``tpc_finish`` leaves a staged row (removed by ``cleanup`` after a day
+  by the database's clock).
 - ``queue.bind(session)`` for an SQLAlchemy session registered with
   zope.sqlalchemy: the row is inserted through that session when
   ``send()`` is called, so it commits or rolls back in the very same
@@ -65,7 +66,8 @@ DEFAULT_LEASE_SECONDS = 300.0
 # Rows leased per claim statement: fewer statements per message, while a
 # batch stays small enough to be sent well within its lease.
 DEFAULT_CLAIM_BATCH = 4
-# A row staged in tpc_vote whose transaction never finished (the process died).
+# A row staged in tpc_vote whose transaction never finished (the process died) is removed this long
+# after it was staged, by the database server's clock (its lease_expires), never the hosts' clocks.
 STALE_STAGED_SECONDS = 24 * 3600
 # The states of IMailQueue; the table also has 'staged' (not yet committed
 # by the application) and 'sent' (kept for audit when keep_sent is set).
@@ -179,15 +181,23 @@ class StagedRow:
         self.not_before = not_before
 
     def publish(self):
-        """See ``IStagedMessage.publish``: staged -> ready (or deferred until its time), and NOTIFY."""
+        """See ``IStagedMessage.publish``: staged -> ready (or deferred until its time), and NOTIFY.
+
+        Raises ``QueueError`` if the row is gone: nothing can bring the
+        message back then, and the caller logs it loudly.
+        """
         state = "deferred" if self.not_before is not None and self.not_before > time.time() else "ready"
         with self.queue._transaction() as connection:
-            connection.execute(
+            published = connection.execute(
                 message_table.update()
                 .where(message_table.c.queue_id == self.queue_id, message_table.c.state == "staged")
-                .values(state=state))
+                .values(state=state)).rowcount
             if state == "ready":
                 connection.execute(_NOTIFY)
+        if published != 1:
+            raise QueueError(f"{self.queue_id}: the staged row was gone when its transaction finished "
+                             "(removed by hand, or by cleanup a day after it was staged); this message is lost",
+                             self.queue.name)
 
     def discard(self):
         """See ``IStagedMessage.discard``. Never raises."""
@@ -436,10 +446,17 @@ class PostgresQueue:
     # -- enqueue ---------------------------------------------------------------
 
     def add(self, envelope, data):
-        """See ``IMailQueue.add``: a ``staged`` row, committed now, invisible to processors."""
+        """See ``IMailQueue.add``: a ``staged`` row, committed now, invisible to processors.
+
+        Its ``lease_expires`` is a day ahead on the database's clock: until
+        then ``cleanup`` leaves it alone, however far the application's or
+        the processor's clock is off (``created_at`` is the application's).
+        """
         queue_id = unique_name()
+        staging_deadline = func.now() + datetime.timedelta(seconds=STALE_STAGED_SECONDS)
         with self._transaction() as connection:
-            connection.execute(message_table.insert().values(_row_values(queue_id, "staged", envelope, data)))
+            connection.execute(message_table.insert().values(
+                {**_row_values(queue_id, "staged", envelope, data), "lease_expires": staging_deadline}))
         return StagedRow(self, queue_id, envelope.not_before)
 
     def bind(self, session, transaction_manager=None):
@@ -624,12 +641,18 @@ class PostgresQueue:
         self._settle(claim, state="ready", due_at=func.least(message_table.c.due_at, func.now()))
 
     def cleanup(self, now=None):
-        """See ``IMailQueue.cleanup``: staged rows a day old, claims whose lease ran out, expired sent rows."""
+        """See ``IMailQueue.cleanup``: staged rows a day old, claims whose lease ran out, expired sent rows.
+
+        Staged rows go when their deadline on the database's clock has
+        passed (``now`` is not used for them; rows staged before there was
+        a deadline go a day after their ``created_at``).
+        """
         now = time.time() if now is None else now
         with self._transaction() as connection:
-            staged = connection.execute(message_table.delete().where(
-                message_table.c.state == "staged",
-                message_table.c.created_at < _ts(now - STALE_STAGED_SECONDS))).rowcount
+            c = message_table.c
+            staged = connection.execute(message_table.delete().where(c.state == "staged", or_(
+                c.lease_expires < func.now(),  # by the database's clock (see add)
+                and_(c.lease_expires.is_(None), c.created_at < _ts(now - STALE_STAGED_SECONDS))))).rowcount
             released = connection.execute(
                 message_table.update()
                 .where(message_table.c.state == "active", message_table.c.lease_expires < _ts(now))

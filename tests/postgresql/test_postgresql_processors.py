@@ -14,6 +14,8 @@ import transaction
 from harness import wait_for
 
 from mailspool import QueuedMailDelivery, QueueProcessor, SMTPMailer
+from mailspool.envelope import Envelope
+from mailspool.exceptions import QueueError
 from mailspool.postgresql import PostgresQueue
 
 EMPTY = {"ready": 0, "active": 0, "deferred": 0, "held": 0, "failed": 0}
@@ -197,6 +199,38 @@ def test_an_application_killed_between_vote_and_finish_leaves_a_staged_row_that_
     assert (summary.sent, summary.failed) == (0, 0) and smtp_sink.received == []
 
     assert queue.cleanup(now=time.time())["stale_staging_removed"] == 0  # could still be a live commit
-    assert queue.cleanup(now=time.time() + 24 * 3600 + 60)["stale_staging_removed"] == 1
+    # The deadline is on the database's clock: a processor clock two days ahead changes nothing.
+    assert queue.cleanup(now=time.time() + 2 * 24 * 3600)["stale_staging_removed"] == 0
+    with queue.engine.begin() as connection:
+        deadline = connection.execute(sa.text(
+            "SELECT extract(epoch FROM lease_expires - now()) FROM mailspool_message WHERE state = 'staged'")).scalar()
+        assert 24 * 3600 - 600 < deadline <= 24 * 3600
+        connection.execute(sa.text(  # as if that day had passed on the database's clock
+            "UPDATE mailspool_message SET lease_expires = now() - interval '1 second' WHERE state = 'staged'"))
+    assert queue.cleanup()["stale_staging_removed"] == 1
     with queue.engine.connect() as connection:
         assert connection.execute(sa.text("SELECT count(*) FROM mailspool_message")).scalar() == 0
+
+
+def test_a_commit_from_an_application_whose_clock_is_days_behind_is_not_taken_for_an_abandoned_one(queue):
+    two_days_ago = time.time() - 2 * 24 * 3600  # the application's clock: created_at is written from it
+    staged = queue.add(Envelope("shop@example.org", ("alice@example.org",), "<late-clock@example.org>",
+                                two_days_ago), b"Subject: late clock\r\n\r\nbody\r\n")
+
+    assert queue.cleanup()["stale_staging_removed"] == 0  # between tpc_vote and tpc_finish
+    staged.publish()
+
+    assert queue.counts() == dict(EMPTY, ready=1)
+
+
+def test_a_row_staged_before_staging_deadlines_existed_goes_a_day_after_it_was_created(queue):
+    staged = queue.add(Envelope("shop@example.org", ("alice@example.org",), "<old@example.org>", time.time()),
+                       b"Subject: old\r\n\r\nbody\r\n")
+    with queue.engine.begin() as connection:  # as an earlier release wrote it: no deadline
+        connection.execute(sa.text("UPDATE mailspool_message SET lease_expires = NULL WHERE state = 'staged'"))
+
+    assert queue.cleanup()["stale_staging_removed"] == 0
+    assert queue.cleanup(now=time.time() + 24 * 3600 + 60)["stale_staging_removed"] == 1
+    with pytest.raises(QueueError, match="staged row was gone"):
+        staged.publish()  # its transaction finishing only now: said loudly, not silently lost
+
