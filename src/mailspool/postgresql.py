@@ -244,8 +244,7 @@ class _HotConnections:
             held[1].execute(statement, parameters, binary=fetch)
             return held[1].fetchall() if fetch else None
         except (psycopg.Error, SQLAlchemyError) as exc:
-            self._give_back(thread, invalidate=True)
-            raise self._queue._error(exc) from exc
+            raise self._failed(thread, exc) from exc
 
     def remove(self, queue_id, owner):
         """Delete the row ``queue_id`` if ``owner`` holds its lease (committed by itself). Raises ``QueueError``.
@@ -272,8 +271,12 @@ class _HotConnections:
                 _check_result(pgconn.prepare(_REMOVE_STATEMENT, _REMOVE_SQL, None))
                 _check_result(pgconn.exec_prepared(_REMOVE_STATEMENT, values))
         except psycopg.Error as exc:
-            self._give_back(thread, invalidate=True)
-            raise self._queue._error(exc) from exc
+            raise self._failed(thread, exc) from exc
+
+    def _failed(self, thread, exc):
+        """Invalidate ``thread``'s connection after ``exc`` (the pool replaces it); the QueueError to raise."""
+        self._give_back(thread, invalidate=True)
+        return self._queue._error(exc)
 
     def _take(self, thread):
         """Check out ``thread``'s connection and a cursor on it. Raises ``QueueError``."""
